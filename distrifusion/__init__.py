@@ -1,0 +1,1 @@
+"""distrifusion: displaced patch parallelism for diffusion models (DistriFusion, CVPR 2024)."""
