@@ -19,7 +19,7 @@ from .base import (
     Work,
 )
 
-BACKENDS = ("fake", "torch", "mpi")
+BACKENDS = ("fake", "torch", "mpi", "emulated")
 
 
 def create(name: str, **options: Any) -> Communicator:
@@ -39,6 +39,10 @@ def create(name: str, **options: Any) -> Communicator:
         if world_size != 1:
             raise CommError("a fake group of several ranks lives in one process: use backends.launch or fake.spawn")
         return make_group(1, **options)[0]
+    if name == "emulated":
+        from .emulated import EmulatedCommunicator
+
+        return EmulatedCommunicator(**options)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 

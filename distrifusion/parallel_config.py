@@ -1,0 +1,38 @@
+"""`ParallelConfig`: how a model is run across the ranks of a communicator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("none", "naive_patch", "sync_patch", "displaced")
+GROUPNORMS = ("separate", "stale", "corrected", "sync")
+SPLITS = ("rows",)
+
+
+@dataclass
+class ParallelConfig:
+    """Options of `distrifusion.parallelize`; the defaults are the paper's.
+
+    mode: "none" (no patches: every rank runs the whole model), "naive_patch" (patches never
+        interact; shows seams), "sync_patch" (fresh activations exchanged synchronously at
+        every layer; exact), "displaced" (DistriFusion: stale activations, async exchange).
+    warmup_steps: steps run as sync_patch before the displaced regime starts (at least one
+        step always is: there is nothing stale before the first).
+    groupnorm: statistics in the displaced regime: "separate" (local only), "stale" (last
+        step's global), "corrected" (stale global plus this step's local change), "sync" (exact).
+    split_cfg: run the two classifier-free-guidance branches on two halves of the ranks.
+    split: how the latent is cut into patches ("rows": along the height).
+    """
+
+    mode: str = "displaced"
+    warmup_steps: int = 4
+    groupnorm: str = "corrected"
+    split_cfg: bool = True
+    split: str = "rows"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ParallelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")

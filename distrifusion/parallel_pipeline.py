@@ -1,0 +1,86 @@
+"""`parallelize`: one line turns a diffusers pipeline or UNet into a patch-parallel one."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from backends import Communicator
+
+from .parallel_config import ParallelConfig
+from .patch_context import PatchContext
+from .patch_unet import patch_unet
+
+SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
+
+
+class DistriPipeline:
+    """A pipeline whose every call runs patch-parallel; call it as the wrapped pipeline.
+
+    Every rank denoises its patch; rank 0 alone decodes with the VAE and broadcasts the
+    image, so every rank returns the same result. Other attributes reach the pipeline.
+    """
+
+    def __init__(self, pipe: Any, comm: Communicator, config: ParallelConfig):
+        self.pipe, self.comm, self.config = pipe, comm, config
+        self.context = PatchContext(comm, config) if config.mode != "none" else None
+        self.unet_forward = patch_unet(pipe.unet, self.context) if self.context else None
+        self._defaults = inspect.signature(type(pipe).__call__).parameters
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output_type = kwargs.pop("output_type", "pil")
+        return_dict = kwargs.pop("return_dict", True)
+        if self.context is not None:
+            self.context.reset()
+            guidance = kwargs.get("guidance_scale", self._defaults["guidance_scale"].default)
+            self.unet_forward.split_guidance = guidance > 1
+        decode = output_type != "latent" and self.comm.rank == 0
+        result = self.pipe(*args, output_type="pt" if decode else "latent", return_dict=True, **kwargs)
+        if self.context is not None:
+            self.context.finish()
+        images = result.images
+        if output_type != "latent":
+            images = self._share_image(images if decode else None, result.images)
+            if output_type == "np":
+                images = self.pipe.image_processor.pt_to_numpy(images)
+            elif output_type == "pil":
+                images = self.pipe.image_processor.numpy_to_pil(self.pipe.image_processor.pt_to_numpy(images))
+        result = dataclasses.replace(result, images=images)
+        return result if return_dict else dataclasses.astuple(result)
+
+    def _share_image(self, image: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor:
+        """Rank 0's decoded image, on every rank."""
+        if self.comm.world_size == 1:
+            return image
+        if image is None:
+            f = self.pipe.vae_scale_factor
+            b, _, h, w = latents.shape
+            image = torch.empty((b, 3, h * f, w * f), dtype=latents.dtype, device=latents.device)
+        image = image.to(self.comm.device).contiguous()
+        return self.comm.broadcast(image, src=0, tag="vae:image")
+
+
+def parallelize(model: Any, comm: Communicator, config: ParallelConfig | None = None) -> Any:
+    """Run `model` (a StableDiffusion(XL)Pipeline or UNet2DConditionModel) across `comm`'s ranks.
+
+    Collective: every rank calls it. Returns an object with the same call signature. A bare
+    UNet is patched in place; each call is the next denoising step, and
+    `unet.forward.ctx.reset()` starts a new generation.
+    """
+    config = config or ParallelConfig()
+    if isinstance(model, SUPPORTED_PIPELINES):
+        return DistriPipeline(model, comm, config)
+    if isinstance(model, UNet2DConditionModel):
+        if config.mode != "none":
+            patch_unet(model, PatchContext(comm, config))
+        return model
+    allowed = ", ".join(c.__name__ for c in (*SUPPORTED_PIPELINES, UNet2DConditionModel))
+    raise TypeError(f"parallelize supports {allowed}; got {type(model).__name__}")

@@ -1,0 +1,107 @@
+"""Turn a diffusers `UNet2DConditionModel` into a patch-parallel one, in place.
+
+Every 3x3 convolution, GroupNorm and self-attention gets a patch-aware forward (the module
+objects and their weights stay as they are); the UNet's forward slices the input to this
+rank's rows (and, with split CFG, its guidance branch) and gathers the full noise prediction.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from .patch_attention import PatchSelfAttention
+from .patch_context import PatchContext
+from .patch_conv import PatchConv2d
+from .stale_groupnorm import PatchGroupNorm
+
+UNSUPPORTED_INPUTS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                      "down_intrablock_additional_residuals")
+
+
+def downsampling_levels(unet: UNet2DConditionModel) -> int:
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def check_height(latent_height: int, patches: int, levels: int, vae_factor: int = 8) -> None:
+    """Raise a clear error unless `patches` equal row patches survive `levels` halvings."""
+    unit = patches * 2**levels
+    if latent_height % unit:
+        sizes = [unit * k * vae_factor for k in range(max(1, latent_height // unit - 1), latent_height // unit + 3)]
+        raise ValueError(
+            f"a latent of height {latent_height} (image {latent_height * vae_factor}) cannot be cut into "
+            f"{patches} row patches through {levels} downsampling levels: the latent height must be a "
+            f"multiple of {patches}*2^{levels}={unit}, i.e. image heights such as {sizes} (or use fewer ranks)"
+        )
+
+
+def _take(value, branch: int, batch: int):
+    """The half of `value` (tensors, dicts of them) that belongs to guidance branch `branch`."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        half = batch // 2
+        return value[branch * half:(branch + 1) * half]
+    if isinstance(value, dict):
+        return {k: _take(v, branch, batch) for k, v in value.items()}
+    return value
+
+
+class PatchUNetForward:
+    """The replacement `unet.forward`: same signature, runs on this rank's patch."""
+
+    def __init__(self, unet: UNet2DConditionModel, ctx: PatchContext):
+        self.unet, self.ctx = unet, ctx
+        self.original = unet.forward
+        self.signature = inspect.signature(self.original)
+        self.levels = downsampling_levels(unet)
+        self.split_guidance = True
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = dict(bound.arguments)
+        for name in UNSUPPORTED_INPUTS:
+            if inputs.get(name) is not None:
+                raise ValueError(f"patch parallelism does not support {name} (ControlNet/adapters) yet")
+        return_dict = inputs.pop("return_dict")
+        sample = inputs["sample"]
+        ctx = self.ctx
+        ctx.use_branches(2 if self.split_guidance and ctx.can_split(sample.shape[0]) else 1)
+        check_height(sample.shape[-2], ctx.world_size, self.levels)
+        if ctx.branches == 2:
+            inputs = {k: _take(v, ctx.branch, sample.shape[0]) for k, v in inputs.items()}
+        rows = sample.shape[-2] // ctx.world_size
+        inputs["sample"] = inputs["sample"][..., ctx.rank * rows:(ctx.rank + 1) * rows, :]
+        local = self.original(**inputs, return_dict=False)[0]
+        full = self._gather(local)
+        ctx.step += 1
+        return UNet2DConditionOutput(sample=full) if return_dict else (full,)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        shape = (ctx.world_comm.world_size, *local.shape)
+        if self.output is None or self.output.shape != shape or self.output.dtype != local.dtype:
+            self.output = ctx.allocate(shape, local.dtype, local.device)
+        parts = ctx.world_comm.all_gather(local.contiguous(), out=self.output, tag="output:unet")
+        b, c, h, w = local.shape
+        parts = parts.view(ctx.branches, ctx.world_size, b, c, h, w).permute(0, 2, 3, 1, 4, 5)
+        return parts.reshape(ctx.branches * b, c, ctx.world_size * h, w)
+
+
+def patch_unet(unet: UNet2DConditionModel, ctx: PatchContext) -> PatchUNetForward:
+    """Install patch-aware forwards on `unet`'s layers and on `unet` itself; returns the latter."""
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and module.padding[0] > 0:
+            module.forward = PatchConv2d(module, ctx, ctx.exchange(f"conv:{name}"))
+        elif isinstance(module, nn.GroupNorm):
+            module.forward = PatchGroupNorm(module, ctx, ctx.exchange(f"norm:{name}"))
+        elif isinstance(module, Attention) and not module.is_cross_attention:
+            module.set_processor(PatchSelfAttention(ctx, ctx.exchange(f"attn:{name}")))
+    forward = PatchUNetForward(unet, ctx)
+    unet.forward = forward
+    return forward
