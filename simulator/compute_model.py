@@ -1,0 +1,123 @@
+"""How long a compute event takes: a per-op roofline, optionally replaced by measured times.
+
+A trace op `{"kind", "key", "flops", "bytes", "count"}` stands for `count` launches of one
+kernel shape; its flops and bytes are totals over those launches. A `CalibrationProfile`
+holds measured seconds of ONE launch per (kind, key):
+
+    {"device": str, "dtype": str,
+     "entries": [{"kind": str, "key": str, "seconds": float, "flops": float, "bytes": float}]}
+
+with `flops`/`bytes` those of one launch too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .hardware import Device
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """Measured time of one launch of op `kind` with shape signature `key`."""
+
+    kind: str
+    key: str
+    seconds: float
+    flops: float
+    bytes: float
+
+
+def roofline_seconds(flops: float, nbytes: float, count: int, device: Device, dtype: str) -> float:
+    """max(flops / achieved FLOP/s, bytes / achieved bandwidth) + launch overhead * count."""
+    compute = flops / (device.peak_flops[dtype] * device.flops_efficiency)
+    memory = nbytes / (device.memory_bandwidth * device.bandwidth_efficiency)
+    return max(compute, memory) + device.launch_overhead * count
+
+
+class CalibrationProfile:
+    """Measured seconds per (op kind, key) on one device and dtype."""
+
+    def __init__(self, device: str, dtype: str, entries: list[ProfileEntry]):
+        self.device = device
+        self.dtype = dtype
+        self.entries = {(e.kind, e.key): e for e in entries}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationProfile":
+        """Build from the JSON layout in the module docstring, checking every field."""
+        if not isinstance(data, dict) or set(data) != {"device", "dtype", "entries"}:
+            raise ValueError("a calibration profile is a mapping with exactly the keys device, dtype, entries")
+        if not isinstance(data["entries"], list):
+            raise ValueError("a calibration profile's entries must be a list")
+        entries = []
+        names = [f.name for f in fields(ProfileEntry)]
+        for i, raw in enumerate(data["entries"]):
+            if not isinstance(raw, dict) or set(raw) != set(names):
+                raise ValueError(f"profile entry {i} must have exactly the keys {names}, got {raw!r}")
+            entry = ProfileEntry(str(raw["kind"]), str(raw["key"]),
+                                 *(float(raw[k]) for k in ("seconds", "flops", "bytes")))
+            if entry.seconds < 0 or entry.flops < 0 or entry.bytes < 0:
+                raise ValueError(f"profile entry {i} has a negative value: {raw!r}")
+            entries.append(entry)
+        return cls(str(data["device"]), str(data["dtype"]), entries)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationProfile":
+        """Read a profile JSON file."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        """The JSON layout in the module docstring."""
+        return {"device": self.device, "dtype": self.dtype,
+                "entries": [asdict(e) for e in self.entries.values()]}
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+class ComputeModel:
+    """Seconds of trace compute events on `device` in `dtype`, calibrated where measured.
+
+    An op whose (kind, key) the profile measured takes count * measured seconds. An op of a
+    measured kind but unmeasured key takes its roofline time scaled by that kind's
+    measured / roofline ratio (summed over the kind's entries). Anything else: the roofline.
+    """
+
+    def __init__(self, device: Device, dtype: str, profile: CalibrationProfile | None = None):
+        if dtype not in device.peak_flops:
+            raise ValueError(f"dtype {dtype!r} has no peak FLOP/s for {device.name}; "
+                             f"known: {sorted(device.peak_flops)}")
+        self.device, self.dtype = device, dtype
+        self.measured = dict(profile.entries) if profile else {}
+        totals: dict[str, list[float]] = {}
+        for e in self.measured.values():
+            pair = totals.setdefault(e.kind, [0.0, 0.0])
+            pair[0] += e.seconds
+            pair[1] += roofline_seconds(e.flops, e.bytes, 1, device, dtype)
+        self.kind_ratio = {k: m / r for k, (m, r) in totals.items() if r > 0}
+
+    def op_seconds(self, op: dict[str, Any]) -> float:
+        """Seconds of one trace op (all `count` launches)."""
+        count = int(op.get("count", 1))
+        entry = self.measured.get((op["kind"], op.get("key", "")))
+        if entry is not None:
+            return entry.seconds * count
+        roof = roofline_seconds(float(op["flops"]), float(op["bytes"]), count, self.device, self.dtype)
+        return roof * self.kind_ratio.get(op["kind"], 1.0)
+
+    def event_seconds(self, event: dict[str, Any]) -> float:
+        """Seconds of a compute event: its ops summed, or (no ops) the roofline of its totals
+        without launch overhead."""
+        ops = event.get("ops")
+        if ops:
+            return sum(self.op_seconds(op) for op in ops)
+        return roofline_seconds(float(event.get("flops", 0)), float(event.get("bytes", 0)), 0,
+                                self.device, self.dtype)

@@ -1,0 +1,343 @@
+"""The SimPy model: replay a recorded trace on modelled hardware.
+
+Per rank, as on a GPU, a compute stream and a comm stream. The compute stream is a SimPy
+process walking the trace (compute -> timeout, issue -> hand the collective to the comm
+stream, wait -> block until it completes). The comm stream runs its collectives one at a time
+in issue order. A collective starts once every rank of its group has it at the head of its
+comm stream, waits its ring latency, then moves its bytes through the shared `FluidNetwork`.
+
+Trace layout (see `simulate`): meta {world_size, dtype, warmup_steps, ...} and roles, each a
+list of ranks with phases warmup / steady / final of events:
+compute {tag, flops, bytes, ops}, issue {id, kind, bytes, group_size, async, tag}, wait {id}.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple
+
+import simpy
+
+from .compute_model import CalibrationProfile, ComputeModel
+from .hardware import Hardware, load_hardware
+from .topology import COLLECTIVES, FluidNetwork, Ring, Topology, ring_plan
+
+COMPUTE, ISSUE, WAIT = 0, 1, 2
+PHASES = ("warmup", "steady", "final")
+
+
+class Span(NamedTuple):
+    """One interval of work on one stream ("compute" or "comm") of one rank, in seconds."""
+
+    rank: int
+    stream: str
+    name: str
+    start: float
+    end: float
+
+
+@dataclass
+class SimResult:
+    """Outcome of one simulation; times in seconds, maxima over ranks."""
+
+    latency_s: float  # until the last compute stream finishes
+    compute_s: float  # compute stream busy time
+    comm_s: float  # comm stream busy time (latency + transfer of its collectives)
+    comm_exposed_s: float  # time the compute stream sat blocked in waits
+    comm_bytes_per_device: float  # bytes one device sent over the run
+    world_size: int
+    steps: int
+    hardware: str
+    meta: dict = field(default_factory=dict)
+    spans: list[Span] = field(default_factory=list)
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat CSV row: the trace's model/resolution/mode/dtype, the setup and the results."""
+        return {
+            "model": self.meta.get("model"), "resolution": self.meta.get("resolution"),
+            "mode": self.meta.get("mode"), "dtype": self.meta.get("dtype"),
+            "hardware": self.hardware, "devices": self.world_size, "steps": self.steps,
+            "latency_s": self.latency_s, "compute_s": self.compute_s, "comm_s": self.comm_s,
+            "comm_exposed_s": self.comm_exposed_s, "comm_bytes_per_device": self.comm_bytes_per_device,
+        }
+
+
+class _Collective:
+    """One collective instance shared by the ranks of its group."""
+
+    __slots__ = ("kind", "nbytes", "tag", "size", "ring", "steps", "sent", "issued", "streams",
+                 "done", "start", "end")
+
+    def __init__(self, op: tuple, ring: Ring):
+        _, _, self.kind, self.nbytes, self.size, self.tag, self.steps, self.sent = op
+        self.ring = ring
+        self.issued = 0
+        self.streams: list[_CommStream] = []  # comm streams that reached it, in arrival order
+        self.done: simpy.Event | None = None  # made only if a compute stream has to wait
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.tag!r} of ranks {self.ring.ranks[0]}..{self.ring.ranks[-1]}"
+
+
+class _CommStream:
+    """One rank's communication stream: its collectives one at a time, in issue order.
+
+    Event-driven rather than a SimPy process: a collective reaching the head of the queue is
+    offered to its group at once (`offer`), and its completion offers the next one. That is the
+    schedule a process would produce, without two process switches per collective and rank.
+    """
+
+    __slots__ = ("sim", "rank", "queue", "busy", "sent")
+
+    def __init__(self, sim: "_Sim", rank: int):
+        self.sim, self.rank = sim, rank
+        self.queue: deque[_Collective] = deque()
+        self.busy = self.sent = 0.0
+
+    def offer(self, coll: _Collective) -> None:
+        """`coll` is at the head of this stream; the last rank of the group to offer starts it."""
+        coll.streams.append(self)
+        if len(coll.streams) == coll.size:
+            self.sim.start(coll)
+
+    def completed(self, coll: _Collective) -> None:
+        """The head collective finished: account for it and offer the next one."""
+        queue = self.queue
+        queue.popleft()
+        self.busy += coll.end - coll.start
+        self.sent += coll.sent
+        if self.sim.spans is not None:
+            self.sim.spans.append(Span(self.rank, "comm", coll.tag or coll.kind, coll.start, coll.end))
+        if queue:
+            self.offer(queue[0])
+
+
+class _Sim:
+    """Shared state of one run: comm streams, pending rendezvous, the network and its timer."""
+
+    def __init__(self, env: simpy.Environment, topology: Topology, timeline: bool):
+        self.env, self.topology = env, topology
+        self.network = FluidNetwork(topology.capacities)
+        self.streams = [_CommStream(self, r) for r in range(topology.world_size)]
+        self.seqs: list[dict[int, int]] = [{} for _ in range(topology.world_size)]
+        self.pending: dict[tuple[int, int, int], _Collective] = {}
+        self.spans: list[Span] | None = [] if timeline else None
+        self.finished_at: list[float | None] = [None] * topology.world_size
+        self.exposed = [0.0] * topology.world_size
+        self.blocked_on: list[_Collective | None] = [None] * topology.world_size
+        self._timer_gen = 0
+        self._timer_at = float("inf")
+
+    def issue(self, rank: int, op: tuple) -> _Collective:
+        """Put collective `op` on `rank`'s comm stream; the n-th issue on a group matches across ranks."""
+        size = op[4]
+        seqs = self.seqs[rank]
+        n = seqs.get(size, 0)
+        seqs[size] = n + 1
+        first = rank // size * size
+        key = (first, size, n)
+        coll = self.pending.get(key)
+        if coll is None:
+            coll = self.pending[key] = _Collective(op, self.topology.ring(first, size))
+        elif coll.kind != op[2] or coll.nbytes != op[3]:
+            raise ValueError(f"rank {rank} issued {op[2]} of {op[3]} bytes (tag {op[5]!r}) where an earlier rank "
+                             f"of its group issued {coll.kind} of {coll.nbytes} bytes (tag {coll.tag!r})")
+        coll.issued += 1
+        if coll.issued == size:
+            del self.pending[key]
+        stream = self.streams[rank]
+        stream.queue.append(coll)
+        if len(stream.queue) == 1:
+            stream.offer(coll)
+        return coll
+
+    def start(self, coll: _Collective) -> None:
+        """Every rank of the group is ready: pay the ring latency, then move the bytes."""
+        coll.start = self.env.now
+        latency = coll.steps * coll.ring.alpha
+        if latency > 0:
+            self.env.timeout(latency, coll).callbacks.append(self._begin_transfer)
+        else:
+            self._transfer(coll)
+
+    def _begin_transfer(self, event: simpy.Event) -> None:
+        self._transfer(event.value)
+
+    def _transfer(self, coll: _Collective) -> None:
+        if coll.sent > 0:
+            self.network.add(self.env.now, coll.sent, coll.ring.loads, coll)
+            self._arm()
+        else:
+            self._finish(coll)
+
+    def _finish(self, coll: _Collective) -> None:
+        coll.end = self.env.now
+        if coll.done is not None:
+            coll.done.succeed()
+        for stream in coll.streams:
+            stream.completed(coll)
+
+    def _arm(self) -> None:
+        at = self.network.next_finish()
+        if at == self._timer_at:
+            return
+        self._timer_gen += 1
+        self._timer_at = at
+        if at != float("inf"):
+            self.env.timeout(max(at - self.env.now, 0.0), self._timer_gen).callbacks.append(self._on_timer)
+
+    def _on_timer(self, event: simpy.Event) -> None:
+        if event.value != self._timer_gen:
+            return  # rates changed since this timer was set
+        self._timer_at = float("inf")
+        for coll in self.network.pop_finished(self.env.now):
+            self._finish(coll)
+        self._arm()
+
+
+def compute_stream(env: simpy.Environment, sim: _Sim, rank: int, schedule: list[tuple[list, int]]) -> Iterator:
+    """Rank `rank`'s compute stream: run each phase's ops `reps` times."""
+    latest: dict[int, _Collective] = {}  # id -> latest issued instance
+    spans = sim.spans
+    for ops, reps in schedule:
+        for _ in range(reps):
+            for op in ops:
+                code = op[0]
+                if code == COMPUTE:
+                    if spans is not None:
+                        t = env.now
+                        for name, seconds in op[2]:
+                            spans.append(Span(rank, "compute", name, t, t + seconds))
+                            t += seconds
+                    yield env.timeout(op[1])
+                elif code == ISSUE:
+                    latest[op[1]] = sim.issue(rank, op)
+                else:
+                    coll = latest.get(op[1])
+                    if coll is not None and coll.end is None:
+                        if coll.done is None:
+                            coll.done = env.event()
+                        blocked_since, sim.blocked_on[rank] = env.now, coll
+                        yield coll.done
+                        sim.exposed[rank] += env.now - blocked_since
+                        sim.blocked_on[rank] = None
+    sim.finished_at[rank] = env.now
+
+
+def compile_phase(events: list[dict], model: ComputeModel, world_size: int, where: str) -> list[tuple]:
+    """Trace events -> op tuples; consecutive compute events merge into one timeout.
+
+    (COMPUTE, seconds, ((tag, seconds), ...)),
+    (ISSUE, id, kind, bytes, group_size, tag, ring steps, bytes sent per rank), (WAIT, id).
+    A synchronous issue gets its wait right after it if the trace lacks one.
+    """
+    ops: list[tuple] = []
+    parts: list[tuple[str, float]] = []
+
+    def flush() -> None:
+        if parts:
+            total = sum(s for _, s in parts)
+            if total > 0:
+                ops.append((COMPUTE, total, tuple(parts)))
+            parts.clear()
+
+    for i, ev in enumerate(events):
+        kind = ev.get("type")
+        if kind == "compute":
+            parts.append((str(ev.get("tag") or "compute"), model.event_seconds(ev)))
+            continue
+        flush()
+        if kind == "issue":
+            if ev["kind"] not in COLLECTIVES:
+                raise ValueError(f"{where} event {i}: unknown collective {ev['kind']!r}; expected {COLLECTIVES}")
+            size = int(ev.get("group_size", world_size))
+            if size < 1 or world_size % size:
+                raise ValueError(f"{where} event {i}: group_size {size} does not divide world_size {world_size}")
+            nbytes = float(ev["bytes"])
+            ops.append((ISSUE, ev["id"], ev["kind"], nbytes, size, ev.get("tag"), *ring_plan(ev["kind"], nbytes, size)))
+            nxt = events[i + 1] if i + 1 < len(events) else {}
+            if not ev.get("async", False) and not (nxt.get("type") == "wait" and nxt.get("id") == ev["id"]):
+                ops.append((WAIT, ev["id"]))
+        elif kind == "wait":
+            ops.append((WAIT, ev["id"]))
+        else:
+            raise ValueError(f"{where} event {i}: unknown event type {kind!r}; expected compute, issue or wait")
+    flush()
+    return ops
+
+
+def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, list], int]:
+    meta = trace.get("meta", {})
+    for key in ("world_size", "warmup_steps", "dtype"):
+        if key not in meta:
+            raise ValueError(f"trace meta lacks {key!r}")
+    world = int(meta["world_size"])
+    warm = min(int(meta["warmup_steps"]), steps)
+    per_rank: dict[int, list] = {}
+    for r, role in enumerate(trace["roles"]):
+        phases = role["phases"]
+        unknown = set(phases) - set(PHASES)
+        if unknown:
+            raise ValueError(f"role {r}: unknown phase(s) {sorted(unknown)}; expected {PHASES}")
+        compiled = {p: compile_phase(phases.get(p, []), model, world, f"role {r} {p}") for p in PHASES}
+        issued = {op[1] for ops in compiled.values() for op in ops if op[0] == ISSUE}
+        stray = sorted({op[1] for ops in compiled.values() for op in ops if op[0] == WAIT} - issued)
+        if stray:
+            raise ValueError(f"role {r} waits on collective ids never issued: {stray[:10]}")
+        schedule = [(compiled["warmup"], warm), (compiled["steady"], steps - warm), (compiled["final"], 1)]
+        for rank in role["ranks"]:
+            if rank in per_rank or not 0 <= rank < world:
+                raise ValueError(f"rank {rank} of role {r} is repeated or outside world_size {world}")
+            per_rank[rank] = schedule
+    if len(per_rank) != world:
+        raise ValueError(f"roles cover ranks {sorted(per_rank)}, not all of 0..{world - 1}")
+    return per_rank, world
+
+
+def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: CalibrationProfile | None = None,
+             timeline: bool = False) -> SimResult:
+    """Replay `trace` for `steps` denoising steps on `hardware` (a preset or its name).
+
+    The warmup phase runs min(meta.warmup_steps, steps) times, the steady phase the remaining
+    steps, the final phase once. `profile` replaces roofline times where it has measurements;
+    `timeline=True` fills `SimResult.spans`. Raises `RuntimeError` if the ranks deadlock.
+    """
+    if isinstance(hardware, str):
+        hardware = load_hardware(hardware)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model = ComputeModel(hardware.device, trace.get("meta", {}).get("dtype", ""), profile)
+    schedules, world = _schedules(trace, model, steps)
+    env = simpy.Environment()
+    sim = _Sim(env, Topology(hardware, world), timeline)
+    for rank in range(world):
+        env.process(compute_stream(env, sim, rank, schedules[rank]))
+    env.run()
+    _check_finished(sim)
+    busy = [sum(op[1] * reps for ops, reps in schedules[r] for op in ops if op[0] == COMPUTE) for r in range(world)]
+    return SimResult(
+        latency_s=max(sim.finished_at), compute_s=max(busy),
+        comm_s=max(s.busy for s in sim.streams), comm_exposed_s=max(sim.exposed),
+        comm_bytes_per_device=max(s.sent for s in sim.streams), world_size=world, steps=steps,
+        hardware=hardware.name, meta=dict(trace.get("meta", {})), spans=sim.spans or [],
+    )
+
+
+def _check_finished(sim: _Sim) -> None:
+    """Raise if a compute stream never finished or a collective never found its whole group."""
+    stuck = [r for r, t in enumerate(sim.finished_at) if t is None]
+    stuck += [r for r, stream in enumerate(sim.streams) if stream.queue and r not in stuck]
+    if not stuck:
+        return
+    lines = []
+    for r in stuck[:8]:
+        waits = sim.blocked_on[r].describe() if sim.blocked_on[r] else "nothing"
+        queue = sim.streams[r].queue
+        at = f"{queue[0].describe()} ({len(queue[0].streams)}/{queue[0].size} ranks ready)" if queue else "idle"
+        lines.append(f"rank {r}: compute waits for {waits}; comm stream at {at}")
+    raise RuntimeError(f"deadlock at t={sim.env.now:.6g}s: ranks {stuck} never finish their compute or "
+                       f"comm stream (do all ranks of a group issue the same collectives in the same order?):\n"
+                       + "\n".join(lines))

@@ -1,0 +1,266 @@
+"""The simulator against closed forms: roofline, ring alpha-beta, overlap, contention, rendezvous."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulator import CalibrationProfile, available_hardware, load_hardware, simulate
+from simulator.chrome_trace import write_chrome_trace
+from simulator.compute_model import ProfileEntry
+from simulator.hardware import hardware_from_dict
+from simulator.sweep import append_row, plot_speedup, read_rows, speedups
+from simulator.topology import Topology, isolated_time
+
+PEAK, F_FLOPS, MEM_BW, F_BW, LAUNCH = 1e12, 0.5, 1e11, 0.8, 1e-5
+LINK, ALPHA, EFF = 1e10, 1e-6, 0.5
+
+
+def make_hw(kind: str = "nvswitch", num_devices: int = 8, **net) -> object:
+    """A preset with round numbers; `net` adds or overrides interconnect keys."""
+    return hardware_from_dict({
+        "name": f"test_{kind}", "num_devices": num_devices,
+        "device": {"name": "testgpu", "peak_flops": {"float16": PEAK, "bfloat16": PEAK, "float32": PEAK / 4},
+                   "memory_bandwidth": MEM_BW, "flops_efficiency": F_FLOPS, "bandwidth_efficiency": F_BW,
+                   "launch_overhead": LAUNCH},
+        "interconnect": {"kind": kind, "link_bandwidth": LINK, "latency": ALPHA, "nccl_efficiency": EFF, **net},
+    })
+
+
+def compute(seconds: float, tag: str = "c", kind: str = "matmul", key: str = "k") -> dict:
+    """A compute event whose roofline time is `seconds` (compute bound, one launch)."""
+    flops = (seconds - LAUNCH) * PEAK * F_FLOPS
+    op = {"kind": kind, "key": key, "flops": flops, "bytes": 0.0, "count": 1}
+    return {"type": "compute", "tag": tag, "flops": flops, "bytes": 0.0, "ops": [op]}
+
+
+def issue(cid: int, nbytes: float, group: int, is_async: bool = True, kind: str = "all_gather") -> dict:
+    return {"type": "issue", "id": cid, "kind": kind, "bytes": nbytes, "group_size": group,
+            "async": is_async, "tag": f"coll{cid}"}
+
+
+def wait(cid: int) -> dict:
+    return {"type": "wait", "id": cid}
+
+
+def make_trace(world: int, roles: list[tuple[list[int], list[dict]]], warmup: list[dict] | None = None,
+               warmup_steps: int = 0) -> dict:
+    """Each role runs `events` every steady step (and `warmup` in warm-up steps)."""
+    return {"meta": {"model": "test", "resolution": 1024, "world_size": world, "dtype": "float16",
+                     "warmup_steps": warmup_steps, "mode": "displaced"},
+            "roles": [{"ranks": ranks, "phases": {"warmup": warmup or [], "steady": events, "final": []}}
+                      for ranks, events in roles]}
+
+
+def ring_all_gather(nbytes: float, g: int, bus: float = LINK * EFF) -> float:
+    return (g - 1) * ALPHA + (g - 1) / g * (nbytes * g) / bus
+
+
+def close(a: float, b: float) -> bool:
+    return a == pytest.approx(b, rel=0.01)
+
+
+def test_pure_compute_is_the_per_op_roofline():
+    compute_bound = {"kind": "conv2d", "key": "a", "flops": 1e11, "bytes": 8e9, "count": 3}  # 0.2 s vs 0.1 s
+    memory_bound = {"kind": "norm", "key": "b", "flops": 2.5e10, "bytes": 8e9, "count": 1}  # 0.05 s vs 0.1 s
+    event = {"type": "compute", "tag": "x", "flops": 1.25e11, "bytes": 1.6e10, "ops": [compute_bound, memory_bound]}
+    expect = (1e11 / (PEAK * F_FLOPS) + 3 * LAUNCH) + (8e9 / (MEM_BW * F_BW) + LAUNCH)
+    trace = make_trace(1, [([0], [event])], warmup=[event, event], warmup_steps=2)
+    result = simulate(trace, make_hw(num_devices=1), steps=5)
+    assert close(result.latency_s, (2 * 2 + 3) * expect)
+    assert close(result.compute_s, 7 * expect)
+    assert result.comm_s == 0 and result.comm_exposed_s == 0
+
+
+@pytest.mark.parametrize("g", [2, 4, 8])
+def test_sync_all_gather_is_ring_alpha_beta(g):
+    nbytes = 1e8
+    trace = make_trace(8, [(list(range(8)), [issue(0, nbytes, g, is_async=False), wait(0)])])
+    result = simulate(trace, make_hw(), steps=3)
+    assert close(result.latency_s, 3 * ring_all_gather(nbytes, g))
+    assert close(result.comm_s, result.latency_s)
+    assert close(result.comm_bytes_per_device, 3 * (g - 1) * nbytes)
+
+
+def test_all_reduce_and_broadcast_costs():
+    nbytes, g = 4e8, 8
+    for kind, expect in [("all_reduce", 2 * (g - 1) * ALPHA + 2 * (g - 1) / g * nbytes / (LINK * EFF)),
+                         ("broadcast", (g - 1) * ALPHA + nbytes / (LINK * EFF)),
+                         ("barrier", 2 * (g - 1) * ALPHA)]:
+        trace = make_trace(g, [(list(range(g)), [issue(0, nbytes, g, is_async=False, kind=kind)])])
+        assert close(simulate(trace, make_hw(), steps=1).latency_s, expect), kind
+
+
+def test_async_all_gather_hidden_behind_longer_compute():
+    nbytes, g = 1e8, 8
+    t_comm, c = ring_all_gather(nbytes, g), 0.5
+    assert c > t_comm
+    trace = make_trace(g, [(list(range(g)), [issue(0, nbytes, g), compute(c), wait(0)])])
+    result = simulate(trace, make_hw(), steps=4)
+    assert close(result.latency_s, 4 * c)
+    assert result.comm_exposed_s == 0
+    assert close(result.comm_s, 4 * t_comm)
+
+
+def test_communication_bound_when_compute_is_shorter():
+    nbytes, g = 4e8, 8
+    t_comm, c_before, c = ring_all_gather(nbytes, g), 0.05, 0.1
+    assert c < t_comm
+    trace = make_trace(g, [(list(range(g)), [compute(c_before), issue(0, nbytes, g), compute(c), wait(0)])])
+    result = simulate(trace, make_hw(), steps=2)
+    assert close(result.latency_s, 2 * (c_before + t_comm))
+    assert close(result.comm_exposed_s, 2 * (t_comm - c))
+
+
+def test_wait_on_previous_step_instance():
+    """Steady step: wait for the last step's collective, compute, issue this step's."""
+    nbytes, g, steps = 4e8, 8, 5
+    t_comm, c = ring_all_gather(nbytes, g), 0.1
+    trace = make_trace(g, [(list(range(g)), [wait(0), compute(c), issue(0, nbytes, g)])])
+    result = simulate(trace, make_hw(), steps=steps)
+    assert close(result.latency_s, steps * c + (steps - 1) * t_comm)
+    assert close(result.comm_exposed_s, (steps - 1) * t_comm)
+
+
+def test_rendezvous_waits_for_the_slowest_rank():
+    nbytes, g, slow, fast = 1e8, 4, 0.3, 0.01
+    event = lambda c: [compute(c), issue(0, nbytes, g, is_async=False), wait(0)]  # noqa: E731
+    trace = make_trace(g, [([2], event(slow)), ([0, 1, 3], event(fast))])
+    result = simulate(trace, make_hw(), steps=1, timeline=True)
+    t_comm = ring_all_gather(nbytes, g)
+    assert close(result.latency_s, slow + t_comm)
+    assert close(result.comm_exposed_s, slow - fast + t_comm)
+    comm = [s for s in result.spans if s.stream == "comm"]
+    assert len(comm) == g and all(close(s.start, slow) for s in comm)
+
+
+def test_comm_stream_runs_collectives_in_issue_order():
+    """Ranks 0,1 issue a world all-gather then a pair all-gather; ranks 2,3 join the first late.
+
+    The pair's collective queues behind the world one, as on one NCCL stream.
+    """
+    late, nbytes = 0.3, 1e8
+    first, second = issue(0, nbytes, 4), issue(1, nbytes, 2)
+    roles = [([0, 1], [first, second, wait(1), wait(0)]), ([2, 3], [compute(late), first, second, wait(1), wait(0)])]
+    result = simulate(make_trace(4, roles), make_hw(), steps=1)
+    assert close(result.latency_s, late + ring_all_gather(nbytes, 4) + ring_all_gather(nbytes, 2))
+
+
+def _pcie_halves(both: bool) -> float:
+    """4 GPUs, each on its own switch in one socket, CFG halves {0,1} and {2,3} all-gathering."""
+    hw = make_hw("pcie", num_devices=4, gpus_per_switch=1, switches_per_socket=4,
+                 host_bridge_bandwidth=1e10, cross_socket_bandwidth=1e10)
+    busy = [issue(0, 1e8, 2, is_async=False), wait(0)]
+    roles = [([0, 1], busy), ([2, 3], busy if both else [compute(1e-3)])]
+    return simulate(make_trace(4, roles), hw, steps=1).comm_s
+
+
+def test_two_cfg_halves_share_the_host_bridge():
+    # ring 0->1->0 crosses the host bridge twice: alone it gets 1/2 of it, with the other half 1/4
+    alone, shared = _pcie_halves(both=False), _pcie_halves(both=True)
+    assert close(alone, ALPHA + 1e8 / (1e10 * EFF / 2))
+    assert close(shared, ALPHA + 1e8 / (1e10 * EFF / 4))
+    assert close(shared - ALPHA, 2 * (alone - ALPHA))
+
+
+def test_bandwidth_is_redivided_when_a_transfer_joins_and_leaves():
+    """Half B starts 20 ms after half A on the shared bridge: A runs alone at R, then both at R/2."""
+    hw = make_hw("pcie", num_devices=4, gpus_per_switch=1, switches_per_socket=4,
+                 host_bridge_bandwidth=1e10, cross_socket_bandwidth=1e10)
+    rate, delay, nbytes = 1e10 * EFF / 2, 0.02, 1e8
+    sync = [issue(0, nbytes, 2, is_async=False), wait(0)]
+    trace = make_trace(4, [([0, 1], sync), ([2, 3], [compute(delay)] + sync)])
+    result = simulate(trace, hw, steps=1, timeline=True)
+    a_left = nbytes - rate * delay  # both halves then share: A finishes after 2*a_left/rate more
+    a_end = ALPHA + delay + 2 * a_left / rate
+    b_end = a_end + (nbytes - a_left) / rate
+    ends = {s.rank: s.end for s in result.spans if s.stream == "comm"}
+    assert close(ends[0], a_end) and close(ends[1], a_end)
+    assert close(ends[2], b_end) and close(result.latency_s, b_end)
+
+
+def test_cfg_halves_do_not_contend_on_nvswitch():
+    busy = [issue(0, 1e8, 4, is_async=False), wait(0)]
+    result = simulate(make_trace(8, [(list(range(8)), busy)]), make_hw(), steps=1)
+    assert close(result.latency_s, ring_all_gather(1e8, 4))
+
+
+def test_topology_bottlenecks():
+    pcie = Topology(make_hw("pcie", gpus_per_switch=2, switches_per_socket=2, host_bridge_bandwidth=4e10,
+                            cross_socket_bandwidth=5e9), 8)
+    assert close(pcie.ring(0, 2).bus_bandwidth, LINK * EFF)  # same switch: GPU links only
+    full = pcie.ring(0, 8)
+    assert close(full.bus_bandwidth, 5e9 * EFF)  # crosses sockets: the inter-socket link
+    assert {"socket0->1", "socket1->0", "socket0.host_bridge"} <= {pcie.link_names[l] for l, _ in full.loads}
+    assert close(isolated_time("all_gather", 1e8, full), ring_all_gather(1e8, 8, bus=5e9 * EFF))
+    two_nodes = Topology(make_hw("multinode", num_devices=16, gpus_per_node=8, intra_kind="nvswitch",
+                                 nic_bandwidth=4e9, nic_latency=1e-5), 16)
+    ring = two_nodes.ring(0, 16)
+    assert close(ring.bus_bandwidth, 4e9 * EFF)
+    assert close(15 * ring.alpha, 14 * ALPHA + 1e-5)  # one of the 15 steps crosses the network
+    assert close(two_nodes.ring(8, 8).bus_bandwidth, LINK * EFF)
+
+
+def test_calibration_profile_overrides_roofline(tmp_path):
+    hw = make_hw(num_devices=1)
+    measured = {"kind": "conv2d", "key": "3x3", "flops": 2e9, "bytes": 0.0, "count": 3}
+    same_kind = {"kind": "conv2d", "key": "1x1", "flops": 1e10, "bytes": 0.0, "count": 1}
+    other_kind = {"kind": "matmul", "key": "m", "flops": 1e10, "bytes": 0.0, "count": 1}
+    roof = lambda flops, n: flops / (PEAK * F_FLOPS) + n * LAUNCH  # noqa: E731
+    ratio = 0.5 / roof(2e9 / 3, 1)
+    profile = CalibrationProfile("testgpu", "float16", [ProfileEntry("conv2d", "3x3", 0.5, 2e9 / 3, 0.0)])
+    profile.save(tmp_path / "p.json")
+    loaded = CalibrationProfile.load(tmp_path / "p.json")
+    assert loaded.to_dict() == profile.to_dict()
+    for op, expect in [(measured, 3 * 0.5), (same_kind, ratio * roof(1e10, 1)), (other_kind, roof(1e10, 1))]:
+        trace = make_trace(1, [([0], [{"type": "compute", "tag": "x", "flops": 0, "bytes": 0, "ops": [op]}])])
+        assert close(simulate(trace, hw, steps=1, profile=loaded).latency_s, expect), op["key"]
+        assert close(simulate(trace, hw, steps=1).latency_s, roof(op["flops"], op["count"]))
+
+
+def test_chrome_trace_is_valid_json_with_every_rank(tmp_path):
+    trace = make_trace(4, [(list(range(4)), [compute(0.01), issue(0, 1e6, 4), compute(0.02), wait(0)])])
+    result = simulate(trace, make_hw(), steps=2, timeline=True)
+    path = write_chrome_trace(result.spans, tmp_path / "t.json", metadata=result.to_row())
+    data = json.loads(path.read_text())
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {(e["pid"], e["tid"]) for e in spans} == {(r, t) for r in range(4) for t in (0, 1)}
+    assert all(e["dur"] >= 0 and isinstance(e["name"], str) for e in spans)
+    assert close(max(e["ts"] + e["dur"] for e in spans), result.latency_s * 1e6)
+
+
+def test_mismatched_ranks_deadlock_or_disagree():
+    ok = [issue(0, 1e6, 2, is_async=False)]
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate(make_trace(2, [([0], ok), ([1], [compute(0.01)])]), make_hw(), steps=1)
+    with pytest.raises(RuntimeError, match="rank 0: .*comm stream at all_gather"):  # async, never matched
+        simulate(make_trace(2, [([0], [issue(0, 1e6, 2)]), ([1], [compute(0.01)])]), make_hw(), steps=1)
+    with pytest.raises(ValueError, match="bytes"):
+        simulate(make_trace(2, [([0], ok), ([1], [issue(0, 2e6, 2, is_async=False)])]), make_hw(), steps=1)
+
+
+def test_presets_load_and_bad_presets_are_explained(tmp_path):
+    names = available_hardware()
+    assert {"a100_sxm_nvlink", "h100_pcie", "rtx4090_pcie", "h100_2node"} <= set(names)
+    for name in names:
+        assert load_hardware(name).name == name
+    with pytest.raises(ValueError, match="available: .*h100_pcie"):
+        load_hardware("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((load_hardware.__globals__["HARDWARE_DIR"] / "a100_pcie.yaml").read_text()
+                   .replace("nccl_efficiency", "nccl_efficency"))
+    with pytest.raises(ValueError, match="unknown key.*nccl_efficency.*allowed"):
+        load_hardware(bad)
+
+
+def test_sweep_csv_and_plot(tmp_path):
+    csv_path = tmp_path / "sweep.csv"
+    for hw, n, lat in [("a", 1, 8.0), ("a", 2, 4.4), ("a", 4, 2.5), ("b", 2, 5.0), ("b", 4, 3.0)]:
+        append_row(csv_path, {"hardware": hw, "resolution": 1024, "devices": n, "latency_s": lat})
+    rows = read_rows(csv_path)
+    curves = speedups(rows)["1024"]
+    assert curves["a"][2] == (4, pytest.approx(3.2)) and curves["b"][1] == (4, pytest.approx(10 / 3))
+    with pytest.raises(ValueError, match="columns"):
+        append_row(csv_path, {"hardware": "a"})
+    assert plot_speedup(rows, tmp_path / "s.png").stat().st_size > 0
