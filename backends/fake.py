@@ -198,10 +198,6 @@ class FakeCommunicator(Communicator):
     def _close(self) -> None:
         self._group.exit(self.rank)
 
-    def abort(self) -> None:
-        self._group.fail(self.rank, CommError(f"rank {self.rank} aborted"))
-        super().abort()
-
 
 def _describe(sig: tuple) -> str:
     kind, shape, dtype, extra = sig

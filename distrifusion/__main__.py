@@ -16,6 +16,8 @@ from backends import Communicator
 
 from .config import Task, backend_options, register
 from .demo import allgather_demo
+from .generate import generate
+from .quality import quality
 
 log = logging.getLogger("distrifusion")
 register()
@@ -25,6 +27,10 @@ def run_rank(comm: Communicator, cfg: DictConfig) -> dict:
     """What one rank does for `cfg.task`; rank 0 reports."""
     if comm.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    if cfg.task == Task.generate:
+        return generate(comm, cfg)
+    if cfg.task == Task.quality:
+        return quality(comm, cfg)
     if cfg.task == Task.allgather_demo:
         result = allgather_demo(comm, cfg.demo.mib, cfg.demo.repeats)
         if comm.rank == 0:

@@ -14,7 +14,15 @@ from hydra.core.config_store import ConfigStore
 
 
 class Task(str, Enum):
+    generate = "generate"
+    quality = "quality"
     allgather_demo = "allgather_demo"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
 
 
 @dataclass
@@ -28,6 +36,47 @@ class BackendConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Which model: an architecture of `distrifusion.model_configs`, random weights unless
+    `path` names a local diffusers directory; `height`/`width` default to the model's own."""
+
+    name: str = "tiny"
+    path: Optional[str] = None
+    dtype: Dtype = Dtype.float32
+    height: Optional[int] = None
+    width: Optional[int] = None
+    weights_seed: int = 0
+
+
+@dataclass
+class ParallelOptions:
+    """`distrifusion.ParallelConfig` as config (validated there)."""
+
+    mode: str = "displaced"
+    warmup_steps: int = 4
+    groupnorm: str = "corrected"
+    split_cfg: bool = True
+    split: str = "rows"
+
+
+@dataclass
+class SamplerConfig:
+    """The diffusers scheduler (`ddim`, `euler`), step count and guidance scale."""
+
+    name: str = "ddim"
+    steps: int = 20
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class QualityConfig:
+    """The quality study: these seeds under none, naive_patch and displaced per warm-up."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    warmups: list[int] = field(default_factory=lambda: [1, 4])
+
+
+@dataclass
 class DemoConfig:
     """The all-gather demo: `mib` MiB of float32 per rank, timed over `repeats` runs."""
 
@@ -38,11 +87,17 @@ class DemoConfig:
 @dataclass
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
-    task: Task = Task.allgather_demo
+    task: Task = Task.generate
+    prompt: str = "a watercolor painting of a lighthouse at dawn"
     world_size: Optional[int] = None
     output_dir: str = "outputs"
     seed: int = 0
+    save_latents: bool = False
 
 
 def backend_options(cfg: Any, default_world_size: int = 2) -> dict:

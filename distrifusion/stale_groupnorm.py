@@ -1,8 +1,8 @@
 """GroupNorm over patches: per-patch moments, their exact combination, and the corrected
 stale estimate that DistriFusion uses after warm-up (see docs/stale_groupnorm.md).
 
-Statistics are kept per (sample, group) as a pair (mean, variance) in float32. All patches
-have the same number of elements (rows split evenly), so combining is an unweighted average.
+Statistics are kept per (sample, group) as a pair (mean, variance) in float32. Row patches
+have equal sizes, so combining is an unweighted average unless weights are given.
 """
 
 from __future__ import annotations
@@ -22,15 +22,19 @@ def local_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([mean, var], dim=-1)
 
 
-def combine(moments: torch.Tensor) -> torch.Tensor:
-    """Exact (mean, variance) of the union of equal-size patches from (N, B, G, 2) moments.
+def combine(moments: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact (mean, variance) of the union of patches from their (N, ..., 2) moments.
 
-    Uses the parallel form var = mean(var_r) + mean((mean_r - mean)^2), which equals
+    `weights` (N,) are the patches' shares of the elements (default: equal). Uses the
+    parallel form var = sum_r w_r var_r + sum_r w_r (mean_r - mean)^2, which equals
     E[x^2] - E[x]^2 but does not lose precision to cancellation.
     """
+    if weights is None:
+        weights = torch.full((moments.shape[0],), 1.0 / moments.shape[0], dtype=moments.dtype, device=moments.device)
+    w = weights.to(moments.dtype).reshape(-1, *[1] * (moments.ndim - 2))
     means, variances = moments[..., 0], moments[..., 1]
-    mean = means.mean(0)
-    var = variances.mean(0) + (means - mean).square().mean(0)
+    mean = (w * means).sum(0)
+    var = (w * variances).sum(0) + (w * (means - mean).square()).sum(0)
     return torch.stack([mean, var], dim=-1)
 
 

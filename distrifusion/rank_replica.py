@@ -1,0 +1,23 @@
+"""Per-rank replicas of one pipeline for ranks that share a process (the fake backend).
+
+Patching installs per-rank forwards on the UNet's modules, and schedulers and (fast)
+tokenizers keep per-call state, so each rank needs its own of these; the weights are shared,
+so N in-process ranks cost one copy of the model's memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def replica(pipe: Any) -> Any:
+    """A shallow copy of `pipe` with its own UNet modules (sharing weights), scheduler and tokenizers."""
+    unet = pipe.unet
+    shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
+    twin = copy.copy(pipe)
+    twin.unet = copy.deepcopy(unet, memo=shared)
+    for name in ("scheduler", "tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            setattr(twin, name, copy.deepcopy(getattr(pipe, name)))
+    return twin
