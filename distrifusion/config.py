@@ -57,6 +57,7 @@ class ParallelOptions:
     groupnorm: str = "corrected"
     split_cfg: bool = True
     split: str = "rows"
+    cuda_graph: bool = True
 
 
 @dataclass

@@ -22,6 +22,8 @@ class ParallelConfig:
         step's global), "corrected" (stale global plus this step's local change), "sync" (exact).
     split_cfg: run the two classifier-free-guidance branches on two halves of the ranks.
     split: how the latent is cut into patches ("rows": along the height).
+    cuda_graph: on CUDA, replay steady displaced steps as CUDA graphs (falls back to eager,
+        with a log line, where capture is impossible).
     """
 
     mode: str = "displaced"
@@ -29,6 +31,7 @@ class ParallelConfig:
     groupnorm: str = "corrected"
     split_cfg: bool = True
     split: str = "rows"
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS)):

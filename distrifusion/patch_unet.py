@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from .cuda_graph import CudaGraphed
 from .patch_attention import PatchSelfAttention
 from .patch_context import PatchContext
 from .patch_conv import PatchConv2d
@@ -60,6 +61,7 @@ class PatchUNetForward:
         self.levels = downsampling_levels(unet)
         self.split_guidance = True
         self.output: torch.Tensor | None = None
+        self.graphs: dict[tuple, CudaGraphed] = {}
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -77,10 +79,31 @@ class PatchUNetForward:
             inputs = {k: _take(v, ctx.branch, sample.shape[0]) for k, v in inputs.items()}
         rows = sample.shape[-2] // ctx.world_size
         inputs["sample"] = inputs["sample"][..., ctx.rank * rows:(ctx.rank + 1) * rows, :]
-        local = self.original(**inputs, return_dict=False)[0]
-        full = self._gather(local)
+        if ctx.config.cuda_graph and sample.is_cuda and not ctx.sync_step:
+            full = self._graphed(inputs)
+        else:
+            full = self._step(**inputs)
         ctx.step += 1
         return UNet2DConditionOutput(sample=full) if return_dict else (full,)
+
+    def _step(self, **inputs) -> torch.Tensor:
+        return self._gather(self.original(**inputs, return_dict=False)[0])
+
+    def _graph_step(self, **inputs) -> torch.Tensor:
+        full = self._step(**inputs)
+        self.ctx.finish()  # a replay runs no Python: its gathers must complete within it
+        return full
+
+    def _graphed(self, inputs: dict) -> torch.Tensor:
+        """The steady step through a CUDA graph, one per input shape."""
+        sample = inputs["sample"]
+        inputs["timestep"] = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1).expand(
+            sample.shape[0]).contiguous()
+        key = (tuple(sample.shape), self.ctx.branches)
+        if key not in self.graphs:
+            self.graphs[key] = CudaGraphed(self._graph_step, f"steady UNet step {list(sample.shape)}",
+                                           before_capture=self.ctx.finish)
+        return self.graphs[key](**inputs)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx

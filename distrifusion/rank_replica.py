@@ -10,13 +10,18 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
+
+def unet_replica(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `unet` with its own modules and the same weight tensors."""
+    return copy.deepcopy(unet, memo={id(t): t for t in (*unet.parameters(), *unet.buffers())})
+
 
 def replica(pipe: Any) -> Any:
     """A shallow copy of `pipe` with its own UNet modules (sharing weights), scheduler and tokenizers."""
-    unet = pipe.unet
-    shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
     twin = copy.copy(pipe)
-    twin.unet = copy.deepcopy(unet, memo=shared)
+    twin.unet = unet_replica(pipe.unet)
     for name in ("scheduler", "tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:
             setattr(twin, name, copy.deepcopy(getattr(pipe, name)))

@@ -12,7 +12,7 @@ from backends.fake import RankFailed, spawn
 from backends.recording import Recorder
 from distrifusion import ParallelConfig, parallelize
 from distrifusion.pipeline_factory import build_pipeline, build_unet
-from distrifusion.rank_replica import replica
+from distrifusion.rank_replica import replica, unet_replica
 
 STEPS = 8
 
@@ -108,8 +108,7 @@ def test_bare_unet_call_signature_and_sync_equality():
     ref = unet(**args).sample
 
     def body(comm):
-        twin = replica(type("P", (), {"unet": unet})())  # same weights, own modules
-        patched = parallelize(twin.unet, comm, ParallelConfig(mode="sync_patch"))
+        patched = parallelize(unet_replica(unet), comm, ParallelConfig(mode="sync_patch"))
         return patched(**args).sample, patched(**args, return_dict=False)[0]
 
     for a, b in spawn(body, 4):
