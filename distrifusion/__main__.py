@@ -16,6 +16,7 @@ from backends import Communicator
 
 from .config import Task, backend_options, register
 from .demo import allgather_demo
+from .parallel_config import ParallelConfig
 from .generate import generate
 from .quality import quality
 
@@ -49,6 +50,7 @@ def run_rank(comm: Communicator, cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     """Entry point: build this process's communicator(s) and run the task on each rank."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    ParallelConfig(**OmegaConf.to_container(cfg.parallel))  # fail on bad values before any rank starts
     backends.launch(cfg.backend.name, lambda comm: run_rank(comm, cfg), **backend_options(cfg))
 
 

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .parallel_config import ParallelConfig
+
 
 class Task(str, Enum):
     generate = "generate"
@@ -49,18 +51,6 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelOptions:
-    """`distrifusion.ParallelConfig` as config (validated there)."""
-
-    mode: str = "displaced"
-    warmup_steps: int = 4
-    groupnorm: str = "corrected"
-    split_cfg: bool = True
-    split: str = "rows"
-    cuda_graph: bool = True
-
-
-@dataclass
 class SamplerConfig:
     """The diffusers scheduler (`ddim`, `euler`), step count and guidance scale."""
 
@@ -89,7 +79,7 @@ class DemoConfig:
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -28,6 +28,7 @@ def test_cfg_job_shows_the_resolved_config():
     ("backend=nccl", "Available options in 'backend'"),
     ("nonsense=1", "Key 'nonsense' not in"),
     ("task=paint", "expected one of"),
+    ("parallel.mode=fast", "ParallelConfig.mode must be one of"),
 ])
 def test_bad_options_fail_with_the_allowed_choices(override, message):
     proc = run_app(override)
