@@ -1,0 +1,124 @@
+"""One rank of a patch-parallel UNet, played alone: the emulated rank the simulator records
+(on the meta device) and calibrates (on a real device), one denoising step per `step()`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from backends import Work
+from backends.emulated import EmulatedCommunicator
+from backends.recording import Recorder
+from distrifusion import ParallelConfig, parallelize
+from distrifusion.model_configs import get_spec
+from distrifusion.pipeline_factory import build_unet
+
+from .op_counter import OpCounter
+
+PROMPT_TOKENS = 77
+
+
+class QuietEmulated(EmulatedCommunicator):
+    """An emulated rank whose synthesised collectives (local copies) `counter` does not count;
+    with a timed counter, `busy_s` adds up the time they took (shared with sub-communicators)."""
+
+    def __init__(self, world_size: int, rank: int, device: str | torch.device, counter: OpCounter,
+                 busy: list[float] | None = None):
+        super().__init__(world_size, rank, device)
+        self.counter = counter
+        self._busy = busy if busy is not None else [0.0]
+
+    @property
+    def busy_s(self) -> float:
+        return self._busy[0]
+
+    def _timed(self, fn: Callable[[], Work]) -> Work:
+        start = self.counter.clock()
+        with self.counter.pause():
+            work = fn()
+        self._busy[0] += self.counter.clock() - start
+        return work
+
+    def _all_gather(self, tensor, out):
+        return self._timed(lambda: super(QuietEmulated, self)._all_gather(tensor, out))
+
+    def _all_reduce(self, tensor, op):
+        return self._timed(lambda: super(QuietEmulated, self)._all_reduce(tensor, op))
+
+    def _split(self, groups, members):
+        return QuietEmulated(len(members), members.index(self.rank), self.device, self.counter, self._busy)
+
+
+def role_rank(world_size: int) -> int:
+    """The rank recorded for all: rank 1 where there is one (it has a neighbour on each side
+    in groups of 3 or more, so it does the most halo work), else rank 0."""
+    return min(1, world_size - 1)
+
+
+def latent_size(model: str, resolution: int) -> int:
+    """Latent height and width of a square `resolution` image; ValueError if it does not divide."""
+    factor = get_spec(model).vae_scale_factor
+    if resolution <= 0 or resolution % factor:
+        raise ValueError(f"resolution {resolution} must be a positive multiple of {model}'s VAE factor {factor}")
+    return resolution // factor
+
+
+def unet_inputs(model: str, resolution: int, batch: int, dtype: torch.dtype, device: str | torch.device,
+                seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one UNet call: latents, timestep, text embeddings (and SDXL's
+    pooled embeddings and time ids), random on a real device, empty on meta."""
+    unet = get_spec(model).unet
+    size = latent_size(model, resolution)
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, dtype=dtype, device="meta")
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    inputs: dict[str, Any] = {
+        "sample": tensor(batch, unet["in_channels"], size, size),
+        "timestep": 999,
+        "encoder_hidden_states": tensor(batch, PROMPT_TOKENS, unet["cross_attention_dim"]),
+    }
+    if unet.get("addition_embed_type") == "text_time":
+        pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {"text_embeds": tensor(batch, pooled), "time_ids": tensor(batch, 6)}
+    return inputs
+
+
+class EmulatedUNet:
+    """Rank `rank` of `world_size` running `model`'s UNet patch-parallel in `mode`.
+
+    Collectives go through a `Recorder` (with `on_event`) over a `QuietEmulated` rank, so
+    `recorder.records` lists them and `counter` sees only the model's own ops. Every
+    `step()` is one denoising step of one generation; `finish()` ends it.
+    """
+
+    def __init__(self, model: str, resolution: int, world_size: int, mode: str, counter: OpCounter,
+                 device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, cfg: bool = True,
+                 warmup_steps: int = 1, groupnorm: str = "corrected", split_cfg: bool = True,
+                 on_event: Callable[[dict], None] | None = None, rank: int | None = None):
+        self.rank = role_rank(world_size) if rank is None else rank
+        self.unet = build_unet(model, device, dtype)
+        self.comm = QuietEmulated(world_size, self.rank, device, counter)
+        self.recorder = Recorder(self.comm, on_event)
+        config = ParallelConfig(mode=mode, warmup_steps=warmup_steps, groupnorm=groupnorm, split_cfg=split_cfg)
+        parallelize(self.unet, self.recorder, config)
+        self.inputs = unet_inputs(model, resolution, 2 if cfg else 1, dtype, device)
+
+    @property
+    def context(self) -> Any:
+        """The patch context (None in mode "none", which leaves the UNet unpatched)."""
+        return getattr(self.unet.forward, "ctx", None)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One UNet call: the next denoising step."""
+        return self.unet(**self.inputs, return_dict=False)[0]
+
+    def finish(self) -> None:
+        """End the generation: wait for every gather in flight."""
+        if self.context is not None:
+            self.context.finish()
