@@ -4,7 +4,8 @@
 
 For every measured JSON line, predicts the same run (model, resolution, world size, mode,
 split_cfg, steps, warm-up steps, float32) on `--hardware` with the calibration profile that
-was sampled alongside it (the line's `profile`), and prints a Markdown table of measured vs
+was sampled alongside it (the line's `profile`; a relative path is read from the measurement
+file's folder), and prints a Markdown table of measured vs
 predicted generation latency and the error.
 """
 
@@ -18,6 +19,18 @@ from simulator import CalibrationProfile, load_hardware
 from simulator.predict import predict
 
 
+def read_measurements(paths: list[Path]) -> list[dict]:
+    """The JSON lines of every file, each `profile` made a path that can be opened from here."""
+    measured = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                m = json.loads(line)
+                m["profile"] = path.parent / m["profile"]  # an absolute `profile` stays as it is
+                measured.append(m)
+    return measured
+
+
 def compare(measured: list[dict], hardware: str, cache: str | None) -> list[dict]:
     """One row per measurement: its setup, measured and predicted latency, relative error."""
     hw = load_hardware(hardware)
@@ -29,18 +42,25 @@ def compare(measured: list[dict], hardware: str, cache: str | None) -> list[dict
         r = p.result
         rows.append({"world_size": m["world_size"], "mode": m["mode"], "split_cfg": m["split_cfg"],
                      "steps": m["steps"], "measured_s": m["latency_s"], "predicted_s": r.latency_s,
+                     "measured_range_s": (min(m["runs_s"]), max(m["runs_s"])),
                      "error": r.latency_s / m["latency_s"] - 1, "comm_s": r.comm_s,
                      "comm_exposed_s": r.comm_exposed_s})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    lines = ["| ranks | mode | split_cfg | measured (s) | predicted (s) | error | predicted comm / exposed (s) |",
-             "|---|---|---|---|---|---|---|"]
+    """The rows as a Markdown table; speedups are against the 1-rank row, where there is one."""
+    single = next((r for r in rows if r["world_size"] == 1), None)
+    lines = ["| ranks | mode | split_cfg | measured (s), median [range] | predicted (s) | error "
+             "| speedup measured / predicted | predicted comm / exposed (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['world_size']} | {r['mode']} | {r['split_cfg']} | {r['measured_s']:.3f} | "
-                     f"{r['predicted_s']:.3f} | {r['error']:+.1%} | {r['comm_s']:.3f} / {r['comm_exposed_s']:.3f} |")
+        low, high = r["measured_range_s"]
+        speedup = (f"{single['measured_s'] / r['measured_s']:.2f}x / {single['predicted_s'] / r['predicted_s']:.2f}x"
+                   if single else "-")
+        lines.append(f"| {r['world_size']} | {r['mode']} | {r['split_cfg']} | {r['measured_s']:.2f} "
+                     f"[{low:.2f}-{high:.2f}] | {r['predicted_s']:.2f} | {r['error']:+.1%} | {speedup} | "
+                     f"{r['comm_s']:.3f} / {r['comm_exposed_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -51,9 +71,7 @@ def main() -> None:
     parser.add_argument("--hardware", default="cpu_gloo_loopback")
     parser.add_argument("--trace-cache", default=None)
     args = parser.parse_args()
-    measured = [json.loads(line) for path in args.measured for line in path.read_text().splitlines()
-                if line.startswith("{")]
-    rows = compare(measured, args.hardware, args.trace_cache)
+    rows = compare(read_measurements(args.measured), args.hardware, args.trace_cache)
     print(markdown(rows))
 
 

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from simulator.unet_run import EmulatedUNet
 from simulator.workload import cache_path, load_or_record, trace_args
 
 MATMUL_KINDS = ("convolution", "mm", "addmm", "bmm")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +215,22 @@ def test_calibration_profile_reproduces_the_measured_step(tmp_path, cache, capsy
     expected = max(summary["op_seconds"], summary["step_wall_s"] - summary["emulated_comm_s"])
     assert seconds == pytest.approx(expected, rel=1e-6)
 
+
+
+def test_simulator_predicts_the_recorded_cpu_ground_truth_within_15_percent(cache):
+    """docs/validation.md section 2: measured 2-rank gloo runs and the profiles sampled with them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from cpu_compare import compare, read_measurements
+    finally:
+        sys.path.pop(0)
+    results = ROOT / "bench" / "results_cpu_2026-11-23"
+    rows = compare(read_measurements(sorted(results.glob("measured*.jsonl"))), "cpu_gloo_loopback", str(cache))
+    assert {(r["world_size"], r["mode"]) for r in rows} == {
+        (1, "none"), (2, "sync_patch"), (2, "displaced"), (2, "naive_patch")}
+    assert all(abs(r["error"]) < 0.15 for r in rows), rows
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["displaced"]["comm_exposed_s"] < by_mode["sync_patch"]["comm_exposed_s"] / 2
 
 # --- the app ---------------------------------------------------------------------------------------
 
