@@ -27,7 +27,33 @@ class PatchSelfAttention:
         query = attn.to_q(hidden_states)
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         if self.ctx.exchanges_enabled:
-            key, value = self._all_tokens(torch.stack([key, value]))
+            fresh = self._fresh_kv(key, value)
+            out = self.exchange.run(fresh, lambda kv: self._attend(attn, query, *self._all_tokens(kv, fresh)))
+        else:
+            out = self._attend(attn, query, key, value)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _fresh_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """This patch's (B, L, C) K and V as one (L, B, 2C) tensor: gathered from every patch
+        into an (N, L, B, 2C) buffer, that layout is all tokens' K/V in raster order."""
+        return torch.cat([key.transpose(0, 1), value.transpose(0, 1)], dim=-1)
+
+    def _all_tokens(self, kv: torch.Tensor, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N*L, C) views of K and V over the gather buffer, with this patch's slot made fresh
+        (in a displaced step the buffer holds last step's values; its own gather of the fresh
+        ones starts after the attention has read the buffer)."""
+        kv[self.ctx.rank] = fresh
+        kv = kv.flatten(0, 1).transpose(0, 1)
+        c = kv.shape[-1] // 2
+        return kv[..., :c], kv[..., c:]
+
+    @staticmethod
+    def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of (B, Lq, C) queries over (B, Lk, C) keys and values (views welcome)."""
         b, heads = query.shape[0], attn.heads
         d = query.shape[-1] // heads
         query, key, value = (t.view(b, -1, heads, d).transpose(1, 2) for t in (query, key, value))
@@ -36,20 +62,4 @@ class PatchSelfAttention:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(1, 2).reshape(b, -1, heads * d).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    def _all_tokens(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2, B, L, C) of this patch -> K and V over all N*L tokens in raster order."""
-        rank, (_, b, n_tokens, c) = self.ctx.rank, kv.shape
-
-        def assemble(gathered: torch.Tensor) -> torch.Tensor:
-            full = gathered.permute(1, 2, 0, 3, 4).reshape(2, b, -1, c)
-            full[:, :, rank * n_tokens:(rank + 1) * n_tokens] = kv
-            return full
-
-        full = self.exchange.run(kv, assemble)
-        return full[0], full[1]
+        return out.transpose(1, 2).reshape(b, -1, heads * d).to(query.dtype)

@@ -19,13 +19,16 @@ row copies. The rank recorded is `unet_run.role_rank` (an interior one where pos
 
 A single device (world_size 1) is always recorded as mode "none": patching one rank would
 only add the slicing and the one-rank output gather. Traces are cached as JSON, keyed by
-every argument and `TRACE_VERSION`; `load_or_record` reads or fills the cache without
-importing torch when the trace is cached.
+every argument and `code_version()` (the trace format's version and a digest of the sources a
+trace is recorded from, so editing the algorithm re-records); `load_or_record` reads or fills
+the cache without importing torch when the trace is cached.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -50,9 +53,20 @@ def trace_args(model: str, resolution: int, world_size: int, mode: str, warmup_s
             "groupnorm": groupnorm, "split_cfg": bool(split_cfg), "dtype": dtype, "cfg": bool(cfg)}
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """`TRACE_VERSION` and a digest of the packages that produce a trace (found, not imported)."""
+    digest = hashlib.sha256(TRACE_VERSION.encode())
+    for package in ("distrifusion", "backends", "simulator"):
+        folder = Path(importlib.util.find_spec(package).origin).parent
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.name.encode() + source.read_bytes())
+    return f"{TRACE_VERSION}-{digest.hexdigest()[:16]}"
+
+
 def cache_path(args: dict[str, Any], cache_dir: str | Path | None = None) -> Path:
     """Where the trace of normalised `args` is cached."""
-    digest = hashlib.sha256(json.dumps({**args, "version": TRACE_VERSION}, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({**args, "version": code_version()}, sort_keys=True).encode()).hexdigest()
     name = f"{args['model']}-{args['resolution']}-w{args['world_size']}-{args['mode']}-{digest[:16]}.json"
     return Path(cache_dir or DEFAULT_CACHE).expanduser() / name
 
@@ -140,7 +154,7 @@ def record(model: str, resolution: int, world_size: int, mode: str, warmup_steps
         raise RuntimeError("consecutive displaced steps issued different collectives; the trace cannot repeat them")
     phases = {"warmup": steps[0], "steady": steps[2], "final": final}
     ctx = run.context
-    meta = {**args, "version": TRACE_VERSION, "batch": 2 if cfg else 1,
+    meta = {**args, "version": code_version(), "batch": 2 if cfg else 1,
             "recorded_rank": run.rank, "exchanges": len(ctx.exchanges) if ctx is not None else 0,
             "flops_per_step": sum(e["flops"] for e in steps[2] if e["type"] == "compute")}
     return {"meta": meta, "roles": [{"ranks": list(range(world_size)), "phases": phases}]}

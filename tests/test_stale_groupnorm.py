@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrifusion.stale_groupnorm import combine, corrected, local_moments
+from distrifusion.stale_groupnorm import combine, corrected, local_moments, renormalize
 
 settings.register_profile("stats", max_examples=60, deadline=None)
 settings.load_profile("stats")
@@ -35,7 +35,8 @@ def exact(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def per_patch(x: torch.Tensor, groups: int, rows: list[int]) -> torch.Tensor:
-    return torch.stack([local_moments(p.double(), groups).double() for p in x.split(rows, dim=2)])
+    gn = torch.nn.GroupNorm(groups, x.shape[1])
+    return torch.stack([local_moments(p, gn)[1].double() for p in x.split(rows, dim=2)])
 
 
 def per_patch64(x, groups, rows):
@@ -55,6 +56,29 @@ def test_local_moments_in_float32_match_float64(case):
     x, groups, rows = case
     got = combine(per_patch(x.float(), groups, rows).float())
     torch.testing.assert_close(got.double(), exact(x, groups), rtol=1e-4, atol=1e-3)
+
+
+@given(patched_tensors(even=True), st.data(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_renormalizing_with_the_global_statistics_is_groupnorm_of_the_whole(case, data, dtype):
+    x, groups, rows = case
+    x = (x - x.mean()) / x.std(correction=0).clamp_min(1e-3)  # magnitudes a half-precision model sees
+    gn = torch.nn.GroupNorm(groups, x.shape[1], eps=data.draw(st.sampled_from([1e-5, 1e-6])))
+    with torch.no_grad():
+        gn.weight.normal_(generator=torch.Generator().manual_seed(1))
+        gn.bias.normal_(generator=torch.Generator().manual_seed(2))
+    gn = gn.to(dtype)
+    own = data.draw(st.integers(0, len(rows) - 1))
+    patch = x.split(rows, dim=2)[own].to(dtype)
+    z, moments = local_moments(patch, gn)
+    assert z.dtype == dtype and moments.dtype == torch.float32
+    stats = exact(x, groups)
+    got = renormalize(z, moments, stats.float(), gn)
+    b, c = x.shape[:2]
+    mean, var = (stats[..., i].repeat_interleave(c // groups, 1).view(b, c, 1, 1) for i in (0, 1))
+    want = ((x - mean) / (var + gn.eps).sqrt() * gn.weight.double().view(1, c, 1, 1)
+            + gn.bias.double().view(1, c, 1, 1)).split(rows, dim=2)[own]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
 @given(patched_tensors(even=True), st.data())
