@@ -29,15 +29,21 @@ def downsampling_levels(unet: UNet2DConditionModel) -> int:
     return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
 
-def check_height(latent_height: int, patches: int, levels: int, vae_factor: int = 8) -> None:
-    """Raise a clear error unless `patches` equal row patches survive `levels` halvings."""
+def check_height(latent_height: int, patches: int, levels: int, vae_factor: int | None = None) -> None:
+    """Raise a clear error unless `patches` equal row patches survive `levels` halvings.
+
+    `vae_factor` (the pipeline's `vae_scale_factor`) turns the latent heights of the message into
+    image heights; a bare UNet does not know it, and the message then speaks of latent rows only.
+    """
     unit = patches * 2**levels
     if latent_height % unit:
-        sizes = [unit * k * vae_factor for k in range(max(1, latent_height // unit - 1), latent_height // unit + 3)]
+        near = range(max(1, latent_height // unit - 1), latent_height // unit + 3)
+        scale, kind = (vae_factor, "image") if vae_factor else (1, "latent")
+        image = f" (image {latent_height * vae_factor})" if vae_factor else ""
         raise ValueError(
-            f"a latent of height {latent_height} (image {latent_height * vae_factor}) cannot be cut into "
-            f"{patches} row patches through {levels} downsampling levels: the latent height must be a "
-            f"multiple of {patches}*2^{levels}={unit}, i.e. image heights such as {sizes} (or use fewer ranks)"
+            f"a latent of height {latent_height}{image} cannot be cut into {patches} row patches through "
+            f"{levels} downsampling levels: the latent height must be a multiple of {patches}*2^{levels}={unit}, "
+            f"i.e. {kind} heights such as {[unit * k * scale for k in near]} (or use fewer ranks)"
         )
 
 
