@@ -1,15 +1,15 @@
 """GroupNorm over patches: per-patch moments, their exact combination, and the corrected
 stale estimate that DistriFusion uses after warm-up (see docs/algorithm.md).
 
-Statistics are kept per (sample, group) as a pair (mean, variance) in float32. Row patches
-have equal sizes, so combining is an unweighted average unless weights are given. A patch is
-normalised with its own statistics by the fused kernel, then moved to the global ones by one
-per-channel multiply-add, so a patched GroupNorm costs two memory passes more than stock.
+Statistics are kept per (sample, group) as a pair (mean, variance) in float32, whatever the
+activations' dtype. Row patches have equal sizes, so combining is an unweighted average unless
+weights are given. A patched GroupNorm reads its patch three times (two float32-accumulating
+reductions, one per-channel multiply-add that writes the output): 8 bytes per fp16 element,
+against 6 for the stock fused kernel.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,24 +20,20 @@ if TYPE_CHECKING:
     from .patch_context import Exchange, PatchContext
 
 
-@functools.lru_cache(maxsize=None)
-def _unit_affine(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.ones(channels, dtype=torch.float32, device=device),
-            torch.zeros(channels, dtype=torch.float32, device=device))
+def local_moments(x: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
+    """(B, G, 2) float32 [mean, variance] of `x`'s groups, whatever `x`'s dtype.
 
-
-def local_moments(x: torch.Tensor, gn: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` normalised with its own group statistics (no affine), and those (B, G, 2) float32
-    [mean, variance].
-
-    One fused GroupNorm kernel gives both: float32 unit affine parameters make it keep its
-    statistics in float32 even when `x` is half precision.
+    Two reductions that read `x` once each and accumulate and write float32 (on CUDA the
+    half-to-float cast happens inside the reduction kernel, no float copy of `x`): as accurate
+    as a float32 computation of the same tensor, which a half-precision fused GroupNorm kernel,
+    returning its statistics in the input's dtype, is not.
     """
-    b, c, g = x.shape[0], x.shape[1], gn.num_groups
-    ones, zeros = _unit_affine(c, x.device)
-    z, mean, rstd = torch.native_group_norm(x.contiguous(), ones, zeros, b, c, x.numel() // (b * c), g, gn.eps)
-    var = (rstd.float().pow(-2) - gn.eps).clamp_min(0)
-    return z, torch.stack([mean.float(), var], dim=-1)
+    groups = x.reshape(x.shape[0], gn.num_groups, -1)
+    if x.device.type == "cpu":  # CPU reductions make this float32 copy anyway (and var's has gaps)
+        groups = groups.float()
+    var = torch.empty(groups.shape[:2], dtype=torch.float32, device=x.device)
+    torch.var(groups, dim=-1, correction=0, out=var)
+    return torch.stack([groups.mean(dim=-1, dtype=torch.float32), var], dim=-1)
 
 
 def combine(moments: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,22 +70,21 @@ def corrected(stale: torch.Tensor, own: int, fresh: torch.Tensor) -> torch.Tenso
     return torch.stack([glob[..., 0] + dmean, var.clamp_min(0)], dim=-1)
 
 
-def renormalize(z: torch.Tensor, own: torch.Tensor, stats: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm `gn` of x with statistics `stats`, from z = x normalised with its own `own`.
+def normalize(x: torch.Tensor, stats: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm `gn` of `x` with given (B, G, 2) float32 group statistics, in `x`'s dtype.
 
-    Per group, (x - mean) / s = z * s_own / s + (mean_own - mean) / s with s = sqrt(var + eps):
-    together with `gn`'s affine, one multiply-add per channel over z (one memory pass).
+    y = x * scale + shift per channel, with scale = weight / sqrt(var + eps) and
+    shift = bias - mean * scale: one pass over `x`, computed in float32 (the form the fused
+    GroupNorm kernels use), written in `x`'s dtype. Inference only: no autograd graph.
     """
-    b, c, g = z.shape[0], z.shape[1], gn.num_groups
-    inv = torch.rsqrt(stats[..., 1] + gn.eps)
-    scale = (torch.sqrt(own[..., 1] + gn.eps) * inv)[..., None]  # (B, G, 1): per channel of the group
-    shift = ((own[..., 0] - stats[..., 0]) * inv)[..., None]
+    b, c, g = x.shape[0], x.shape[1], gn.num_groups
+    scale = torch.rsqrt(stats[..., 1] + gn.eps)[..., None].expand(b, g, c // g)  # (B, G, C/G)
+    shift = -stats[..., 0, None] * scale
     if gn.affine:
-        weight = gn.weight.view(g, -1)
-        scale, shift = scale * weight, torch.addcmul(gn.bias.view(g, -1), shift, weight)
-    shape = (b, c) + (1,) * (z.ndim - 2)
-    scale, shift = (t.to(z.dtype).expand(b, g, c // g).reshape(shape) for t in (scale, shift))
-    return torch.addcmul(shift, z, scale)
+        weight, bias = (p.detach().view(g, -1).float() for p in (gn.weight, gn.bias))
+        scale, shift = scale * weight, torch.addcmul(bias, shift, weight)
+    shape = (b, c) + (1,) * (x.ndim - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape), out=torch.empty_like(x))
 
 
 class PatchGroupNorm:
@@ -102,7 +97,7 @@ class PatchGroupNorm:
         gn, policy = self.gn, self.ctx.groupnorm_policy()
         if policy == "separate":
             return F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
-        z, fresh = local_moments(x, gn)
+        fresh = local_moments(x, gn)
         own = self.ctx.rank
         if policy == "corrected":
             stats = self.exchange.run(fresh, lambda stale: corrected(stale, own, fresh))
@@ -110,4 +105,4 @@ class PatchGroupNorm:
             stats = self.exchange.run(fresh, combine)
         else:
             stats = self.exchange.run(fresh, combine, sync=True)
-        return renormalize(z, fresh, stats, gn)
+        return normalize(x, stats, gn)
