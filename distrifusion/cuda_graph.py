@@ -75,3 +75,24 @@ class CudaGraphed:
         self.graph = graph
         log.info("captured %s as a CUDA graph", self.name)
         return True
+
+
+class StepGraphs:
+    """UNet steps through CUDA graphs, one `CudaGraphed` per input shape (and caller's key).
+
+    The timestep becomes a per-sample tensor, so a replay reads each step's value from its
+    static buffer instead of baking the captured step's value into the graph.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor], before_capture: Callable[[], None] = lambda: None):
+        self.step, self.before_capture = step, before_capture
+        self.graphs: dict[tuple, CudaGraphed] = {}
+
+    def __call__(self, inputs: dict, key: tuple = ()) -> torch.Tensor:
+        sample = inputs["sample"]
+        inputs["timestep"] = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1).expand(
+            sample.shape[0]).contiguous()
+        key = (tuple(sample.shape), *key)
+        if key not in self.graphs:
+            self.graphs[key] = CudaGraphed(self.step, f"UNet step {list(sample.shape)}", self.before_capture)
+        return self.graphs[key](**inputs)

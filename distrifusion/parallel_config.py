@@ -22,7 +22,7 @@ class ParallelConfig:
         step's global), "corrected" (stale global plus this step's local change), "sync" (exact).
     split_cfg: run the two classifier-free-guidance branches on two halves of the ranks.
     split: how the latent is cut into patches ("rows": along the height).
-    cuda_graph: on CUDA, replay steady displaced steps as CUDA graphs (falls back to eager,
+    cuda_graph: on CUDA, replay steady steps (every step of mode none) as CUDA graphs (eager,
         with a log line, where capture is impossible).
     """
 

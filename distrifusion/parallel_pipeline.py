@@ -13,7 +13,7 @@ from backends import Communicator
 
 from .parallel_config import ParallelConfig
 from .patch_context import PatchContext
-from .patch_unet import patch_unet
+from .patch_unet import patch_unet, whole_unet
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
@@ -21,14 +21,20 @@ SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 class DistriPipeline:
     """A pipeline whose every call runs patch-parallel; call it as the wrapped pipeline.
 
-    Every rank denoises its patch; rank 0 alone decodes with the VAE and broadcasts the
-    image, so every rank returns the same result. Other attributes reach the pipeline.
+    Every rank denoises its patch (mode "none": the whole latent, as one device would; on CUDA
+    every mode replays its steady steps as CUDA graphs); rank 0 alone decodes with the VAE and
+    broadcasts the image, so every rank returns the same result. Other attributes reach the
+    pipeline.
     """
 
     def __init__(self, pipe: Any, comm: Communicator, config: ParallelConfig):
         self.pipe, self.comm, self.config = pipe, comm, config
         self.context = PatchContext(comm, config) if config.mode != "none" else None
-        self.unet_forward = patch_unet(pipe.unet, self.context) if self.context else None
+        if self.context is not None:
+            self.unet_forward = patch_unet(pipe.unet, self.context)
+            self.unet_forward.vae_factor = pipe.vae_scale_factor
+        else:
+            self.unet_forward = whole_unet(pipe.unet, config.cuda_graph)
         self._defaults = inspect.signature(type(pipe).__call__).parameters
 
     def __getattr__(self, name: str) -> Any:
@@ -57,14 +63,15 @@ class DistriPipeline:
         return result if return_dict else dataclasses.astuple(result)
 
     def _share_image(self, image: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor:
-        """Rank 0's decoded image, on every rank."""
+        """Rank 0's decoded image, on every rank, in float32 (the VAE may decode half-precision
+        latents in float32; values in [0, 1] lose nothing in float32, and every rank agrees)."""
         if self.comm.world_size == 1:
-            return image
+            return image.float()
         if image is None:
             f = self.pipe.vae_scale_factor
             b, _, h, w = latents.shape
-            image = torch.empty((b, 3, h * f, w * f), dtype=latents.dtype, device=latents.device)
-        image = image.to(self.comm.device).contiguous()
+            image = torch.empty((b, 3, h * f, w * f), dtype=torch.float32, device=self.comm.device)
+        image = image.to(self.comm.device, torch.float32).contiguous()
         return self.comm.broadcast(image, src=0, tag="vae:image")
 
 
@@ -81,6 +88,8 @@ def parallelize(model: Any, comm: Communicator, config: ParallelConfig | None = 
     if isinstance(model, UNet2DConditionModel):
         if config.mode != "none":
             patch_unet(model, PatchContext(comm, config))
+        else:
+            whole_unet(model, config.cuda_graph)
         return model
     allowed = ", ".join(c.__name__ for c in (*SUPPORTED_PIPELINES, UNet2DConditionModel))
     raise TypeError(f"parallelize supports {allowed}; got {type(model).__name__}")

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from .cuda_graph import CudaGraphed
+from .cuda_graph import StepGraphs
 from .patch_attention import PatchSelfAttention
 from .patch_context import PatchContext
 from .patch_conv import PatchConv2d
@@ -57,59 +57,74 @@ def _take(value, branch: int, batch: int):
     return value
 
 
-class PatchUNetForward:
-    """The replacement `unet.forward`: same signature, runs on this rank's patch."""
+class UNetForward:
+    """A replacement `unet.forward` with the same signature. This one, for mode "none", runs
+    the whole UNet and, on CUDA, replays its steps as CUDA graphs like the patched modes do, so
+    that one device is measured the way N are. Inference only: steps run without autograd."""
 
-    def __init__(self, unet: UNet2DConditionModel, ctx: PatchContext):
-        self.unet, self.ctx = unet, ctx
+    def __init__(self, unet: UNet2DConditionModel, cuda_graph: bool = True):
+        self.unet, self.cuda_graph = unet, cuda_graph
         self.original = unet.forward
         self.signature = inspect.signature(self.original)
-        self.levels = downsampling_levels(unet)
-        self.split_guidance = True
-        self.output: torch.Tensor | None = None
-        self.graphs: dict[tuple, CudaGraphed] = {}
+        self.graphs = StepGraphs(self._step)
 
+    @torch.no_grad()
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         inputs = dict(bound.arguments)
+        return_dict = inputs.pop("return_dict")
+        full = self.run(inputs)
+        return UNet2DConditionOutput(sample=full) if return_dict else (full,)
+
+    def run(self, inputs: dict) -> torch.Tensor:
+        """The full noise prediction for `inputs` (the forward's arguments but `return_dict`)."""
+        if self.cuda_graph and inputs["sample"].is_cuda:
+            return self.graphs(inputs)
+        return self._step(**inputs)
+
+    def _step(self, **inputs) -> torch.Tensor:
+        return self.original(**inputs, return_dict=False)[0]
+
+
+class PatchUNetForward(UNetForward):
+    """The replacement `unet.forward` of the patch modes: runs this rank's patch."""
+
+    def __init__(self, unet: UNet2DConditionModel, ctx: PatchContext):
+        super().__init__(unet, ctx.config.cuda_graph)
+        self.ctx = ctx
+        self.levels = downsampling_levels(unet)
+        self.split_guidance = True
+        self.vae_factor: int | None = None  # a pipeline's, for error messages in image pixels
+        self.output: torch.Tensor | None = None
+        self.graphs = StepGraphs(self._graph_step, before_capture=ctx.finish)
+
+    def run(self, inputs: dict) -> torch.Tensor:
         for name in UNSUPPORTED_INPUTS:
             if inputs.get(name) is not None:
                 raise ValueError(f"patch parallelism does not support {name} (ControlNet/adapters) yet")
-        return_dict = inputs.pop("return_dict")
         sample = inputs["sample"]
         ctx = self.ctx
         ctx.use_branches(2 if self.split_guidance and ctx.can_split(sample.shape[0]) else 1)
-        check_height(sample.shape[-2], ctx.world_size, self.levels)
+        check_height(sample.shape[-2], ctx.world_size, self.levels, self.vae_factor)
         if ctx.branches == 2:
             inputs = {k: _take(v, ctx.branch, sample.shape[0]) for k, v in inputs.items()}
         rows = sample.shape[-2] // ctx.world_size
         inputs["sample"] = inputs["sample"][..., ctx.rank * rows:(ctx.rank + 1) * rows, :]
-        if ctx.config.cuda_graph and sample.is_cuda and not ctx.sync_step:
-            full = self._graphed(inputs)
+        if self.cuda_graph and sample.is_cuda and not ctx.sync_step:
+            full = self.graphs(inputs, key=(ctx.branches,))
         else:
             full = self._step(**inputs)
         ctx.step += 1
-        return UNet2DConditionOutput(sample=full) if return_dict else (full,)
+        return full
 
     def _step(self, **inputs) -> torch.Tensor:
-        return self._gather(self.original(**inputs, return_dict=False)[0])
+        return self._gather(super()._step(**inputs))
 
     def _graph_step(self, **inputs) -> torch.Tensor:
         full = self._step(**inputs)
         self.ctx.finish()  # a replay runs no Python: its gathers must complete within it
         return full
-
-    def _graphed(self, inputs: dict) -> torch.Tensor:
-        """The steady step through a CUDA graph, one per input shape."""
-        sample = inputs["sample"]
-        inputs["timestep"] = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1).expand(
-            sample.shape[0]).contiguous()
-        key = (tuple(sample.shape), self.ctx.branches)
-        if key not in self.graphs:
-            self.graphs[key] = CudaGraphed(self._graph_step, f"steady UNet step {list(sample.shape)}",
-                                           before_capture=self.ctx.finish)
-        return self.graphs[key](**inputs)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
@@ -132,5 +147,12 @@ def patch_unet(unet: UNet2DConditionModel, ctx: PatchContext) -> PatchUNetForwar
         elif isinstance(module, Attention) and not module.is_cross_attention:
             module.set_processor(PatchSelfAttention(ctx, ctx.exchange(f"attn:{name}")))
     forward = PatchUNetForward(unet, ctx)
+    unet.forward = forward
+    return forward
+
+
+def whole_unet(unet: UNet2DConditionModel, cuda_graph: bool = True) -> UNetForward:
+    """Install the mode "none" forward (the whole UNet, graphed on CUDA) on `unet`; returns it."""
+    forward = UNetForward(unet, cuda_graph)
     unet.forward = forward
     return forward

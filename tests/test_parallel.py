@@ -11,6 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from backends.fake import RankFailed, spawn
 from backends.recording import Recorder
 from distrifusion import ParallelConfig, parallelize
+from distrifusion.patch_unet import UNetForward
 from distrifusion.pipeline_factory import build_pipeline, build_unet
 from distrifusion.rank_replica import replica, unet_replica
 
@@ -138,3 +139,35 @@ def test_a_rank_failing_mid_run_stops_everyone_quickly(pipe):
     with pytest.raises(RankFailed, match="rank 1 failed: InjectedFailure"):
         spawn(run, 4, pipe, ParallelConfig(split_cfg=False), fail_rank=1, fail_at=200, timeout=30)
     assert time.monotonic() - start < 20
+
+
+def test_mode_none_runs_the_whole_unet_through_the_graphable_forward(pipe, reference):
+    """Mode none installs the same-signature forward that replays steps as CUDA graphs on CUDA;
+    on the CPU it is the stock UNet, bitwise."""
+    forwards = set()
+
+    def body(comm):
+        return run(comm, pipe, ParallelConfig(mode="none"), probe=lambda p, _: forwards.add(type(p.unet.forward)))
+
+    want = replica(pipe)("a lighthouse", height=64, width=64, num_inference_steps=STEPS, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).images
+    assert all(torch.equal(out, want) for out in spawn(body, 2))
+    assert torch.equal(reference, want) and forwards == {UNetForward}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_session.sh measures them)")
+@pytest.mark.parametrize("mode", ["none", "displaced"])
+def test_graphed_steps_equal_eager_steps_on_cuda(mode):
+    cuda_pipe = build_pipeline("tiny", device="cuda")
+    cuda_pipe.set_progress_bar_config(disable=True)
+
+    def body(comm, graphed):
+        mine = parallelize(replica(cuda_pipe), comm, ParallelConfig(mode=mode, cuda_graph=graphed, split_cfg=False))
+        out = mine("a lighthouse", height=64, width=64, num_inference_steps=STEPS, output_type="latent",
+                   generator=torch.Generator("cuda").manual_seed(0)).images
+        return out, len(mine.unet_forward.graphs.graphs)
+
+    (eager, _), = spawn(body, 1, False, device="cuda")
+    (graphed, captured), = spawn(body, 1, True, device="cuda")
+    assert captured == 1
+    assert rel(graphed, eager) < 1e-5
