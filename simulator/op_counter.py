@@ -6,7 +6,8 @@ would decompose into bmm/softmax, whose bytes a fused kernel never moves; the fu
 variants, flash / efficient / cudnn / math, are also caught if called directly). Ops are
 grouped by (kind, key): kind is the aten op name ("sdpa" for every attention variant), key
 the dtype and input shapes plus the integer arguments (strides, padding, dims). It reads shapes only, so
-it works on the `meta` device; with `timed=True` it also times each op (for calibration).
+it works on the `meta` device. With a `clock` (`simulator.device_timing`) it also marks where each
+op starts and ends, and `seconds()` reads the marks once the work has run (for calibration).
 
 FLOPs: convolution 2*N*Cout*Hout*Wout*(Cin/groups)*kh*kw; mm/addmm/bmm/baddbmm 2*M*K*N per
 matrix; attention 2*B*H*Lq*Lk*(d_qk + d_v) (= 4*B*H*Lq*Lk*d); every other op one FLOP per
@@ -18,9 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,19 @@ SDPA_ATEN = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficie
 _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
 
 
+class Clock(Protocol):
+    """Marks points of a device's timeline (see `simulator.device_timing`)."""
+
+    contiguous: bool
+
+    def mark(self) -> Any: ...
+
+    def seconds(self, start: Any, end: Any) -> float: ...
+
+
 @dataclass
 class OpStat:
-    """Totals of `count` launches of op `kind` with shape key `key` (seconds only when timed)."""
+    """Totals of `count` launches of op `kind` with shape key `key` (`seconds`: set by a calibration)."""
 
     kind: str
     key: str
@@ -101,18 +111,18 @@ class _AtenMode(TorchDispatchMode):
         counter = self.counter
         if counter.paused or func in FREE_OPS or func.is_view:
             return func(*args, **kwargs)
-        start = counter.clock()
+        start = counter.begin()
         out = func(*args, **kwargs)
-        seconds = counter.clock() - start
+        span = counter.end(start)
         leaves = tree_flatten((args, kwargs))[0]
         inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
         outputs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
         name = func.overloadpacket.__name__
         nbytes = sum(_numel_bytes(t) for t in inputs + outputs)
         if name in SDPA_ATEN:  # called directly, not through F.scaled_dot_product_attention
-            counter.add(SDPA, op_key(list(args[:3])), sdpa_flops(*args[:3]), nbytes, seconds)
+            counter.add(SDPA, op_key(list(args[:3])), sdpa_flops(*args[:3]), nbytes, span)
         else:
-            counter.add(name, op_key(leaves), op_flops(name, inputs, outputs, args), nbytes, seconds)
+            counter.add(name, op_key(leaves), op_flops(name, inputs, outputs, args), nbytes, span)
         return out
 
 
@@ -138,41 +148,52 @@ class _AttentionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         query, key, value = args[:3]
         with counter.pause():
-            start = counter.clock()
+            start = counter.begin()
             if query.device.type == "meta":
                 out = _attention_output(query, value)
             else:
                 out = func(*args, **kwargs)
-            seconds = counter.clock() - start
+            span = counter.end(start)
         nbytes = sum(_numel_bytes(t) for t in (query, key, value, out))
-        counter.add(SDPA, op_key([query, key, value]), sdpa_flops(query, key, value), nbytes, seconds)
+        counter.add(SDPA, op_key([query, key, value]), sdpa_flops(query, key, value), nbytes, span)
         return out
 
 
 class OpCounter:
     """`with OpCounter() as c: model(...)`; `c.cut(tag)` closes the current compute segment.
 
-    `totals` accumulates every op over the counter's life; `timed=True` times each op with
-    `sync` (e.g. `torch.cuda.synchronize`) called before and after it.
+    `totals` accumulates every op over the counter's life. With a `clock`, every op counted
+    inside `with` is bracketed by two marks of it, kept in `spans` as ((kind, key), start,
+    end); `region(label)` brackets uncounted work the same way. Nothing is read from a mark
+    until `seconds()`.
     """
 
-    def __init__(self, timed: bool = False, sync: Callable[[], None] | None = None):
-        self.timed, self.sync = timed, sync
-        self.paused = False
+    def __init__(self, clock: Clock | None = None):
+        self.clock = clock
+        self.active = self.paused = False
         self.segment: dict[tuple[str, str], OpStat] = {}
         self.totals: dict[tuple[str, str], OpStat] = {}
+        self.spans: list[tuple[tuple[str, str], Any, Any]] = []
+        self._last_mark: Any = None
         self._stack = contextlib.ExitStack()
 
-    def clock(self) -> float:
-        """perf_counter after `sync` when timing, else 0."""
-        if not self.timed:
-            return 0.0
-        if self.sync is not None:
-            self.sync()
-        return time.perf_counter()
+    def begin(self) -> Any:
+        """The start mark of an interval (None when not timing)."""
+        if self.clock is None or not self.active:
+            return None
+        if self.clock.contiguous and self._last_mark is not None:
+            return self._last_mark
+        return self.clock.mark()
 
-    def add(self, kind: str, key: str, flops: float, nbytes: float, seconds: float = 0.0) -> None:
-        """Count one launch of (kind, key) in the current segment and the totals."""
+    def end(self, start: Any) -> tuple[Any, Any] | None:
+        """The (start, end) marks of the interval `begin()` opened (None when not timing)."""
+        if start is None:
+            return None
+        self._last_mark = self.clock.mark()
+        return start, self._last_mark
+
+    def add(self, kind: str, key: str, flops: float, nbytes: float, span: tuple[Any, Any] | None = None) -> None:
+        """Count one launch of (kind, key) in the current segment and the totals (and its span)."""
         for table in (self.segment, self.totals):
             stat = table.get((kind, key))
             if stat is None:
@@ -180,7 +201,16 @@ class OpCounter:
             stat.flops += flops
             stat.bytes += nbytes
             stat.count += 1
-            stat.seconds += seconds
+        if span is not None:
+            self.spans.append(((kind, key), *span))
+
+    def seconds(self) -> dict[tuple[str, str], float]:
+        """Seconds per (kind, key) (or (label, "") of a region) over `spans`; read only after the
+        marked work has run (on CUDA: after a synchronize)."""
+        out: dict[tuple[str, str], float] = {}
+        for key, start, end in self.spans:
+            out[key] = out.get(key, 0.0) + self.clock.seconds(start, end)
+        return out
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -190,6 +220,16 @@ class OpCounter:
             yield
         finally:
             self.paused = was
+
+    @contextlib.contextmanager
+    def region(self, label: str) -> Iterator[None]:
+        """Uncounted work, timed as the span (label, "") when timing."""
+        with self.pause():
+            start = self.begin()
+            yield
+            span = self.end(start)
+        if span is not None:
+            self.spans.append(((label, ""), *span))
 
     def cut(self, tag: str) -> dict[str, Any] | None:
         """The ops since the last cut as a trace compute event named `tag` (None if none)."""
@@ -203,7 +243,9 @@ class OpCounter:
     def __enter__(self) -> "OpCounter":
         self._stack.enter_context(_AttentionMode(self))
         self._stack.enter_context(_AtenMode(self))
+        self.active, self._last_mark = True, None
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.active = False
         self._stack.close()

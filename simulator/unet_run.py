@@ -13,41 +13,34 @@ from backends.recording import Recorder
 from distrifusion import ParallelConfig, parallelize
 from distrifusion.model_configs import get_spec
 from distrifusion.pipeline_factory import build_unet
+from distrifusion.rank_replica import unet_replica
 
 from .op_counter import OpCounter
 
 PROMPT_TOKENS = 77
+COMM = "emulated_comm"
 
 
 class QuietEmulated(EmulatedCommunicator):
-    """An emulated rank whose synthesised collectives (local copies) `counter` does not count;
-    with a timed counter, `busy_s` adds up the time they took (shared with sub-communicators)."""
+    """An emulated rank whose synthesised collectives (local copies) `counter` does not count
+    as ops; a timing counter times them as its region `COMM`."""
 
-    def __init__(self, world_size: int, rank: int, device: str | torch.device, counter: OpCounter,
-                 busy: list[float] | None = None):
+    def __init__(self, world_size: int, rank: int, device: str | torch.device, counter: OpCounter):
         super().__init__(world_size, rank, device)
         self.counter = counter
-        self._busy = busy if busy is not None else [0.0]
 
-    @property
-    def busy_s(self) -> float:
-        return self._busy[0]
-
-    def _timed(self, fn: Callable[[], Work]) -> Work:
-        start = self.counter.clock()
-        with self.counter.pause():
-            work = fn()
-        self._busy[0] += self.counter.clock() - start
-        return work
+    def _quiet(self, fn: Callable[[], Work]) -> Work:
+        with self.counter.region(COMM):
+            return fn()
 
     def _all_gather(self, tensor, out):
-        return self._timed(lambda: super(QuietEmulated, self)._all_gather(tensor, out))
+        return self._quiet(lambda: super(QuietEmulated, self)._all_gather(tensor, out))
 
     def _all_reduce(self, tensor, op):
-        return self._timed(lambda: super(QuietEmulated, self)._all_reduce(tensor, op))
+        return self._quiet(lambda: super(QuietEmulated, self)._all_reduce(tensor, op))
 
     def _split(self, groups, members):
-        return QuietEmulated(len(members), members.index(self.rank), self.device, self.counter, self._busy)
+        return QuietEmulated(len(members), members.index(self.rank), self.device, self.counter)
 
 
 def role_rank(world_size: int) -> int:
@@ -65,9 +58,11 @@ def latent_size(model: str, resolution: int) -> int:
 
 
 def unet_inputs(model: str, resolution: int, batch: int, dtype: torch.dtype, device: str | torch.device,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, graphable: bool = False) -> dict[str, Any]:
     """Keyword arguments of one UNet call: latents, timestep, text embeddings (and SDXL's
-    pooled embeddings and time ids), random on a real device, empty on meta."""
+    pooled embeddings and time ids), random on a real device, empty on meta. `graphable`: the
+    timestep as a (batch,) tensor on `device`, as a CUDA graph needs it (a Python number would
+    be copied from the host inside the call)."""
     unet = get_spec(model).unet
     size = latent_size(model, resolution)
     generator = torch.Generator().manual_seed(seed)
@@ -79,7 +74,7 @@ def unet_inputs(model: str, resolution: int, batch: int, dtype: torch.dtype, dev
 
     inputs: dict[str, Any] = {
         "sample": tensor(batch, unet["in_channels"], size, size),
-        "timestep": 999,
+        "timestep": torch.full((batch,), 999, device=device) if graphable else 999,
         "encoder_hidden_states": tensor(batch, PROMPT_TOKENS, unet["cross_attention_dim"]),
     }
     if unet.get("addition_embed_type") == "text_time":
@@ -93,20 +88,24 @@ class EmulatedUNet:
 
     Collectives go through a `Recorder` (with `on_event`) over a `QuietEmulated` rank, so
     `recorder.records` lists them and `counter` sees only the model's own ops. Every
-    `step()` is one denoising step of one generation; `finish()` ends it.
+    `step()` is one denoising step of one generation; `finish()` ends it. `unet`: run a
+    replica of this one (sharing its weights) instead of building `model`'s. `graphable`:
+    inputs a CUDA graph can capture, and no graphs of the model's own (the caller captures).
     """
 
     def __init__(self, model: str, resolution: int, world_size: int, mode: str, counter: OpCounter,
                  device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, cfg: bool = True,
                  warmup_steps: int = 1, groupnorm: str = "corrected", split_cfg: bool = True,
-                 on_event: Callable[[dict], None] | None = None, rank: int | None = None):
+                 on_event: Callable[[dict], None] | None = None, rank: int | None = None,
+                 unet: torch.nn.Module | None = None, graphable: bool = False):
         self.rank = role_rank(world_size) if rank is None else rank
-        self.unet = build_unet(model, device, dtype)
+        self.unet = build_unet(model, device, dtype) if unet is None else unet_replica(unet)
         self.comm = QuietEmulated(world_size, self.rank, device, counter)
         self.recorder = Recorder(self.comm, on_event)
-        config = ParallelConfig(mode=mode, warmup_steps=warmup_steps, groupnorm=groupnorm, split_cfg=split_cfg)
+        config = ParallelConfig(mode=mode, warmup_steps=warmup_steps, groupnorm=groupnorm, split_cfg=split_cfg,
+                                cuda_graph=not graphable)
         parallelize(self.unet, self.recorder, config)
-        self.inputs = unet_inputs(model, resolution, 2 if cfg else 1, dtype, device)
+        self.inputs = unet_inputs(model, resolution, 2 if cfg else 1, dtype, device, graphable=graphable)
 
     @property
     def context(self) -> Any:
