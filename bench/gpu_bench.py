@@ -1,6 +1,6 @@
 """GPU benchmark of one rank's work (issue 5), measured in one run on one GPU.
 
-One GPU cannot run N NCCL ranks, so rank r of N runs on the `emulated` backend: the same
+One GPU cannot run N NCCL ranks, so one rank of N runs on the `emulated` backend: the same
 code path, buffers and shapes, the other ranks' activations synthesised locally.
 
     python bench/gpu_bench.py [--quick] [--out DIR]
@@ -8,10 +8,16 @@ code path, buffers and shapes, the other ranks' activations synthesised locally.
 Prints, all graph-replayed (CUDA graphs) unless said otherwise, SDXL fp16 random weights:
  1. stock diffusers UNet step (1024, batch 1) vs this project's mode=none step (goal <= 1.03);
  2. one rank's steady displaced step for N = 2, 4, 8 at 1024/2048/3840 vs the ideal patch
-    compute for that rank (same rows, self-attention over all tokens, nothing else);
+    compute for that rank (`ideal_model`);
  3. peak memory per rank, stale-buffer bytes, bytes each rank receives per step;
  4. a 50-step 1024x1024 CFG generation at N=1: this project vs stock diffusers (eager).
 and writes a markdown table (with device, date, versions, command) and JSON under --out.
+
+The ideal: the rank's work with nothing exchanged. With split CFG (the default) each guidance
+branch runs on half of the ranks, so a rank's image is cut into N/2 patches: the ideal
+convolves exactly the rank's rows (zero padding, no halo) and its self-attention attends over
+exactly the image's tokens (N/2 patches' keys). The model is built with `device`/`dtype`
+parameters, so tests check the ideal on the CPU (tests/test_gpu_bench.py).
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusers  # noqa: E402
@@ -36,62 +42,78 @@ from backends.recording import Recorder  # noqa: E402
 from distrifusion import ParallelConfig, parallelize  # noqa: E402
 from distrifusion.cuda_graph import CudaGraphed  # noqa: E402
 from distrifusion.patch_attention import PatchSelfAttention  # noqa: E402
+from distrifusion.patch_context import PatchContext  # noqa: E402
 from distrifusion.pipeline_factory import build_pipeline, build_unet  # noqa: E402
 from distrifusion.rank_replica import replica, unet_replica  # noqa: E402
-
-DTYPE, DEVICE = torch.float16, "cuda"
-
-
-def unet_inputs(res: int, batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator(DEVICE).manual_seed(seed)
-    lat = res // 8
-    rand = lambda *s: torch.randn(*s, generator=g, device=DEVICE, dtype=DTYPE)  # noqa: E731
-    return {"sample": rand(batch, 4, lat, lat), "timestep": torch.full((batch,), 500.0, device=DEVICE),
-            "encoder_hidden_states": rand(batch, 77, 2048),
-            "added_cond_kwargs": {"text_embeds": rand(batch, 1280), "time_ids": rand(batch, 6)}}
+from simulator.device_timing import is_cuda, time_ms, wait  # noqa: E402
+from simulator.unet_run import role_rank, unet_inputs  # noqa: E402
 
 
-def median_ms(step, iters: int) -> float:
-    """Median time of `step()` in ms, by CUDA events, after warm-up."""
+def step_inputs(model: str, res: int, device: str, dtype: torch.dtype, batch: int = 2) -> dict:
+    """One UNet call's inputs at `res`, the timestep a device tensor (graph-capturable)."""
+    return unet_inputs(model, res, batch, dtype, device, graphable=True)
+
+
+def median_ms(step: Callable[[], Any], iters: int, device: str) -> float:
+    """Median time of `step()` in ms on `device`'s timeline, after warm-up."""
     for _ in range(3):
         step()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_ms(device, step) for _ in range(iters))
+
+
+def graphed(fn: Callable[..., torch.Tensor], name: str, device: str) -> Callable[..., torch.Tensor]:
+    """`fn` replayed as a CUDA graph on CUDA, as it is elsewhere."""
+    return CudaGraphed(fn, name) if is_cuda(device) else fn
+
+
+def bench_rank(n: int, split_cfg: bool = True) -> int:
+    """The rank benchmarked: in its image's group of patches (N/2 with split CFG), one with a
+    neighbour on each side where there is one (`simulator.unet_run.role_rank`)."""
+    return role_rank(n // 2 if split_cfg and n >= 2 else n)
 
 
 class FullTokenAttention(PatchSelfAttention):
-    """The ideal's self-attention: this patch's queries over all N patches' keys, no exchange.
+    """The ideal's self-attention: this patch's queries over the K/V of every patch of its
+    image (`ctx.world_size` patches, read when called: N/2 with split CFG), no exchange.
 
     The other patches' K/V sit in a buffer allocated once (filled with copies of the first
     call's real K/V, so the data, and with it the GPU's clocks, look like real activations);
     each call writes its own slot.
     """
 
-    def __init__(self, patches: int):
-        self.patches, self.kv = patches, None
+    def __init__(self, ctx: PatchContext):
+        self.ctx, self.kv = ctx, None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        b, heads = hidden_states.shape[0], attn.heads
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if self.kv is None:
-            self.kv = torch.stack([k, v]).repeat(1, 1, self.patches, 1)
-        self.kv[0, :, : k.shape[1]] = k
-        self.kv[1, :, : k.shape[1]] = v
-        k, v = self.kv[0], self.kv[1]
-        d = q.shape[-1] // heads
-        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, heads * d)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+    def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        patches, tokens = self.ctx.world_size, key.shape[1]
+        if self.kv is None or self.kv.shape[2] != patches * tokens:
+            self.kv = torch.stack([key, value]).repeat(1, 1, patches, 1)
+        mine = slice(self.ctx.rank * tokens, (self.ctx.rank + 1) * tokens)
+        self.kv[0, :, mine] = key
+        self.kv[1, :, mine] = value
+        return PatchSelfAttention._attend(attn, query, self.kv[0], self.kv[1])
 
 
-def release() -> None:
+def ideal_model(unet: torch.nn.Module, n: int, device: str, split_cfg: bool = True) -> torch.nn.Module:
+    """A replica of `unet` doing rank `bench_rank(n)`'s ideal patch compute (module doc)."""
+    comm = EmulatedCommunicator(n, rank=bench_rank(n, split_cfg), device=device)
+    model = parallelize(unet_replica(unet), comm, ParallelConfig(mode="naive_patch", warmup_steps=1,
+                                                                 split_cfg=split_cfg))
+    ctx = model.forward.ctx
+    for m in model.modules():
+        if isinstance(getattr(m, "processor", None), PatchSelfAttention):
+            m.set_processor(FullTokenAttention(ctx))
+    return model
+
+
+def displaced_model(unet: torch.nn.Module, n: int, device: str, split_cfg: bool = True
+                    ) -> tuple[torch.nn.Module, Recorder]:
+    """A replica of `unet` running rank `bench_rank(n)` of n displaced; its recorded communicator."""
+    comm = Recorder(EmulatedCommunicator(n, rank=bench_rank(n, split_cfg), device=device))
+    return parallelize(unet_replica(unet), comm, ParallelConfig(warmup_steps=1, split_cfg=split_cfg)), comm
+
+
+def release(device: str) -> None:
     """Free what earlier measurements left and restart the peak-memory count.
 
     A patched model refers to itself (its layers' forwards hold the layers), so dropping the
@@ -99,38 +121,38 @@ def release() -> None:
     buffers and graph pool would count in the next configuration's peak.
     """
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
-def per_rank(unet, n: int, res: int, iters: int, rounds: int = 3) -> dict:
-    """Steady displaced step of the middle rank of n vs the ideal patch compute.
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if is_cuda(device) else None
+
+
+def per_rank(unet: torch.nn.Module, n: int, res: int, iters: int, device: str = "cuda",
+             dtype: torch.dtype = torch.float16, model_name: str = "sdxl", rounds: int = 3,
+             split_cfg: bool = True) -> dict:
+    """Steady displaced step of rank `bench_rank(n)` vs its ideal patch compute.
 
     The two are timed in alternation (`rounds` times, best median kept), so that clock
     changes of a busy GPU do not favour whichever runs first.
     """
-    inputs = unet_inputs(res)
-    out = {"n": n, "res": res}
-    models = {}
-    release()
-    for name, config in (("displaced", ParallelConfig(warmup_steps=1)), ("ideal", ParallelConfig(mode="naive_patch", warmup_steps=1))):
-        comm = Recorder(EmulatedCommunicator(n, rank=n // 2, device=DEVICE))
-        model = parallelize(unet_replica(unet), comm, config)
-        if name == "ideal":
-            patches = model.forward.ctx.world_size
-            for m in model.modules():
-                if isinstance(getattr(m, "processor", None), PatchSelfAttention):
-                    m.set_processor(FullTokenAttention(patches))
+    inputs = step_inputs(model_name, res, device, dtype)
+    out = {"n": n, "res": res, "rank": bench_rank(n, split_cfg), "split_cfg": split_cfg}
+    release(device)
+    displaced, comm = displaced_model(unet, n, device, split_cfg)
+    models = {"displaced": displaced, "ideal": ideal_model(unet, n, device, split_cfg)}
+    for name, model in models.items():
         with torch.no_grad():
             model(**inputs)  # warm-up (synchronous) step
             model(**inputs)  # first steady step, eager
             before = len(comm.records)
             model(**inputs)  # captured
-        models[name] = model
         graphs = model.forward.graphs.values()
         out[f"{name}_graphed"] = bool(graphs) and all(g.graph is not None for g in graphs)
         if name == "displaced":
-            out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out["peak_gib"] = peak_gib(device)
             out["stale_buffer_mib"] = model.forward.ctx.allocated_bytes / 2**20
             step_records = comm.records[before:]
             out["recv_mib_per_step"] = sum(r.bytes * (r.group_size - 1) for r in step_records) / 2**20
@@ -138,41 +160,51 @@ def per_rank(unet, n: int, res: int, iters: int, rounds: int = 3) -> dict:
     with torch.no_grad():
         for _ in range(rounds):
             for name, model in models.items():
-                ms = median_ms(lambda: model(**inputs), iters)
+                ms = median_ms(lambda: model(**inputs), iters, device)
                 out[f"{name}_ms"] = min(out.get(f"{name}_ms", ms), ms)
-    del models, model
-    release()
+    del models, model, displaced
+    release(device)
     out["ratio"] = out["displaced_ms"] / out["ideal_ms"]
     return out
 
 
-def stock_vs_none(unet, iters: int) -> dict:
-    inputs = unet_inputs(1024, batch=1)
-    stock = CudaGraphed(lambda **kw: unet(**kw).sample, "stock UNet")
-    ours_model = parallelize(unet, EmulatedCommunicator(1, device=DEVICE), ParallelConfig(mode="none"))
-    ours = CudaGraphed(lambda **kw: ours_model(**kw).sample, "mode=none UNet")
+def stock_vs_none(unet: torch.nn.Module, iters: int, device: str = "cuda", dtype: torch.dtype = torch.float16,
+                  model_name: str = "sdxl", res: int = 1024, batch: int = 1) -> dict:
+    """One UNet step, graph-replayed: stock diffusers vs this project's mode=none (and stock eager)."""
+    inputs = step_inputs(model_name, res, device, dtype, batch)
+    stock = graphed(lambda **kw: unet(**kw).sample, "stock UNet", device)
+    ours_model = parallelize(unet, EmulatedCommunicator(1, device=device), ParallelConfig(mode="none"))
+    ours = graphed(lambda **kw: ours_model(**kw).sample, "mode=none UNet", device)
     with torch.no_grad():
-        res = {"stock_ms": median_ms(lambda: stock(**inputs), iters), "none_ms": median_ms(lambda: ours(**inputs), iters)}
-        res["eager_stock_ms"] = median_ms(lambda: unet(**inputs), max(5, iters // 4))
-    res["ratio"] = res["none_ms"] / res["stock_ms"]
-    return res
+        res_ = {"stock_ms": median_ms(lambda: stock(**inputs), iters, device),
+                "none_ms": median_ms(lambda: ours(**inputs), iters, device)}
+        res_["eager_stock_ms"] = median_ms(lambda: unet(**inputs), max(5, iters // 4), device)
+    res_["ratio"] = res_["none_ms"] / res_["stock_ms"]
+    return res_
 
 
-def full_generation(steps: int) -> dict:
-    pipe = build_pipeline("sdxl", dtype=DTYPE, device=DEVICE)
+def generation_s(pipe: Any, steps: int, res: int, device: str, output_type: str = "pt") -> float:
+    """Seconds of one CFG generation of `pipe` (waits for the device before and after)."""
+    wait(device)
+    start = time.perf_counter()
+    pipe("a lighthouse", height=res, width=res, num_inference_steps=steps, guidance_scale=5.0,
+         generator=torch.Generator(device).manual_seed(0), output_type=output_type)
+    wait(device)
+    return time.perf_counter() - start
+
+
+def full_generation(steps: int, device: str = "cuda", dtype: torch.dtype = torch.float16,
+                    model_name: str = "sdxl", res: int = 1024) -> dict:
+    """A `steps`-step CFG generation at N=1: stock diffusers (eager) vs this project."""
+    pipe = build_pipeline(model_name, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    ours = parallelize(replica(pipe), EmulatedCommunicator(1, device=DEVICE), ParallelConfig())
-    res = {}
+    ours = parallelize(replica(pipe), EmulatedCommunicator(1, device=device), ParallelConfig())
+    res_ = {}
     for name, p in (("stock_s", pipe), ("ours_s", ours)):
         for _ in range(2):  # the first run warms up (and captures the graph)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            p("a lighthouse", height=1024, width=1024, num_inference_steps=steps, guidance_scale=5.0,
-              generator=torch.Generator(DEVICE).manual_seed(0), output_type="pt")
-            torch.cuda.synchronize()
-            res[name] = time.perf_counter() - start
-    res["speedup"] = res["stock_s"] / res["ours_s"]
-    return res
+            res_[name] = generation_s(p, steps, res, device)
+    res_["speedup"] = res_["stock_s"] / res_["ours_s"]
+    return res_
 
 
 def markdown(results: dict, command: str) -> str:
@@ -181,7 +213,7 @@ def markdown(results: dict, command: str) -> str:
     s = results["stock_vs_none"]
     lines = [head, f"1. UNet step 1024x1024 (batch 1): stock {s['stock_ms']:.2f} ms, mode=none {s['none_ms']:.2f} ms, "
              f"ratio **{s['ratio']:.3f}** (eager stock: {s['eager_stock_ms']:.1f} ms)\n",
-             "\n2./3. One rank's steady displaced step (emulated rank N/2 of N, split CFG) vs ideal patch compute\n",
+             "\n2./3. One rank's steady displaced step (emulated, split CFG) vs its ideal patch compute\n",
              "\n| res | N | displaced ms | ideal ms | ratio | graphed | peak GiB | stale buffers MiB | recv MiB/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["per_rank"]:
@@ -201,26 +233,27 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--sizes", default=None, help="e.g. 1024x8,2048x4 (resolution x ranks)")
     args = parser.parse_args()
+    device, dtype = "cuda", torch.float16
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iters = 5 if args.quick else 10
     results = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "diffusers": diffusers.__version__}
-    unet = build_unet("sdxl", device=DEVICE, dtype=DTYPE)
-    results["stock_vs_none"] = stock_vs_none(unet, iters)
+    unet = build_unet("sdxl", device=device, dtype=dtype)
+    results["stock_vs_none"] = stock_vs_none(unet, iters, device, dtype)
     print(json.dumps(results["stock_vs_none"]), flush=True)
     sizes = [(1024, 8), (2048, 4)] if args.quick else [(r, n) for r in (1024, 2048, 3840) for n in (2, 4, 8)]
     if args.sizes:
         sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     results["per_rank"] = []
     for res, n in sizes:
-        results["per_rank"].append(per_rank(unet, n, res, iters))
+        results["per_rank"].append(per_rank(unet, n, res, iters, device, dtype))
         print(json.dumps(results["per_rank"][-1]), flush=True)
         (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
     del unet
-    release()
+    release(device)
     if not args.skip_generation:
-        results["generation"] = full_generation(50)
+        results["generation"] = full_generation(50, device, dtype)
     (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, "python bench/gpu_bench.py" + (" --quick" if args.quick else ""))
     (out / "benchmarks.md").write_text(table)
