@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -14,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 import backends
 from backends import Communicator
 
-from .config import Task, backend_options, register
+from .config import Task, backend_options, known_world_size, register
 from .demo import allgather_demo
-from .parallel_config import ParallelConfig
 from .generate import generate
+from .preflight import ConfigError, check_ranks, check_request
 from .quality import quality
 
 log = logging.getLogger("distrifusion")
@@ -28,6 +29,7 @@ def run_rank(comm: Communicator, cfg: DictConfig) -> dict:
     """What one rank does for `cfg.task`; rank 0 reports."""
     if comm.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    check_ranks(comm, cfg)
     if cfg.task == Task.generate:
         return generate(comm, cfg)
     if cfg.task == Task.quality:
@@ -50,8 +52,13 @@ def run_rank(comm: Communicator, cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     """Entry point: build this process's communicator(s) and run the task on each rank."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    ParallelConfig(**OmegaConf.to_container(cfg.parallel))  # fail on bad values before any rank starts
-    backends.launch(cfg.backend.name, lambda comm: run_rank(comm, cfg), **backend_options(cfg))
+    world_size = known_world_size(cfg)
+    try:
+        if world_size is not None:  # fake ranks fail before any starts; launched ones in check_ranks
+            check_request(cfg, world_size)
+        backends.launch(cfg.backend.name, lambda comm: run_rank(comm, cfg), **backend_options(cfg))
+    except ConfigError as e:
+        sys.exit(f"distrifusion: {e}")
 
 
 if __name__ == "__main__":

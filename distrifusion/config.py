@@ -91,14 +91,22 @@ class Config:
     save_latents: bool = False
 
 
-def backend_options(cfg: Any, default_world_size: int = 2) -> dict:
-    """Keyword options for `backends.launch` from the config (fake ranks default to 2)."""
-    options: dict = {"timeout": cfg.backend.timeout}
+FAKE_RANKS = 2
+
+
+def known_world_size(cfg: Any) -> Optional[int]:
+    """The number of ranks, known before any starts for fake ranks (default 2); None under a
+    launcher (torchrun, mpiexec), whose count the backend checks against `world_size`."""
+    if cfg.backend.name != "fake":
+        return None
+    return FAKE_RANKS if cfg.world_size is None else cfg.world_size
+
+
+def backend_options(cfg: Any) -> dict:
+    """Keyword options for `backends.launch` from the config."""
     if cfg.backend.name == "fake":
-        options["world_size"] = cfg.world_size or default_world_size
-        return options
-    options["world_size"] = cfg.world_size
-    options["validate"] = cfg.backend.validate
+        return {"timeout": cfg.backend.timeout, "world_size": known_world_size(cfg)}
+    options: dict = {"timeout": cfg.backend.timeout, "world_size": cfg.world_size, "validate": cfg.backend.validate}
     if cfg.backend.device is not None:
         options["device"] = cfg.backend.device
     return options

@@ -1,0 +1,153 @@
+"""What a run of the app asks for, checked before any work, with errors that say what to change.
+
+`check_request` needs the config and the number of ranks alone: no model is built (the VAE factor
+and the UNet's depth come from `model_configs`, the step limit from the scheduler itself).
+`check_ranks` runs at the start of every rank: one small collective compares the ranks' resolved
+configs, so ranks launched with different overrides all stop together, then `check_request`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import DictConfig, OmegaConf
+
+from backends import Communicator
+
+from .config import Config, Task
+from .generate import image_size
+from .model_configs import get_spec
+from .parallel_config import ParallelConfig
+from .patch_unet import check_height
+from .pipeline_factory import build_scheduler
+
+GENERATING = (Task.generate, Task.quality)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the keys and what to change."""
+
+
+def check_request(cfg: DictConfig, world_size: int) -> None:
+    """Raise `ConfigError` unless `cfg` can run on `world_size` ranks."""
+    if cfg.world_size is not None and cfg.world_size < 1:
+        raise ConfigError(f"world_size={cfg.world_size}: a run needs at least 1 rank; leave world_size out "
+                          "to use as many as the launcher started (2 for backend=fake)")
+    if cfg.backend.timeout <= 0:
+        raise ConfigError(f"backend.timeout={cfg.backend.timeout:g}: the seconds a collective may wait "
+                          "must be positive (default 60)")
+    parallel = _parallel(cfg)
+    if cfg.task not in GENERATING:
+        return
+    if cfg.sampler.steps < 1:
+        raise ConfigError(f"sampler.steps={cfg.sampler.steps}: a generation needs at least 1 denoising step")
+    if cfg.sampler.guidance_scale < 0:
+        raise ConfigError(f"sampler.guidance_scale={cfg.sampler.guidance_scale:g} is negative; use 0 or 1 for "
+                          "no classifier-free guidance, or a value above 1 (default 5)")
+    try:
+        spec = get_spec(cfg.model.name)
+        scheduler = build_scheduler(cfg.sampler.name, cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    _check_steps(scheduler, cfg)
+    for key in ("height", "width"):
+        size = cfg.model[key]
+        if size is not None and (size <= 0 or size % 8):
+            raise ConfigError(f"model.{key}={size}: the diffusers pipelines need a positive multiple of 8 "
+                              f"(or leave it out: {spec.resolution} for model {cfg.model.name})")
+    check_image_cut(cfg, parallel, world_size)
+
+
+def check_ranks(comm: Communicator, cfg: DictConfig) -> None:
+    """Collective, at the start of every rank: the same config on every rank, and one that can run.
+
+    Launched ranks check nothing before this: under mpiexec a rank that exits before the others
+    have started MPI leaves them waiting forever.
+    """
+    check_same_config(comm, cfg)
+    check_request(cfg, comm.world_size)
+
+
+def check_image_cut(cfg: DictConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """Raise `ConfigError` unless each image can be cut into the row patches of `world_size` ranks."""
+    if cfg.task == Task.quality:  # it compares the patch modes with `none`, whatever parallel.mode says
+        parallel = ParallelConfig(**{**OmegaConf.to_container(cfg.parallel), "mode": "displaced"})
+    if parallel.mode == "none":
+        return
+    split = parallel.split_cfg and cfg.sampler.guidance_scale > 1 and world_size % 2 == 0
+    patches = world_size // 2 if split else world_size
+    spec = get_spec(cfg.model.name)
+    height, _ = image_size(cfg.model)
+    levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
+    try:
+        check_height(height // spec.vae_scale_factor, patches, levels, spec.vae_scale_factor)
+    except ValueError as e:
+        how = f" (split CFG: {patches} row patches per guidance branch)" if split else ""
+        raise ConfigError(f"model.height={height} on {world_size} ranks{how}: {e}") from e
+
+
+def check_same_config(comm: Communicator, cfg: DictConfig) -> None:
+    """Collective: raise `ConfigError` on every rank unless all ranks resolved the same config.
+
+    Every rank all-gathers one int64 digest per key of the schema, so the message can name the
+    keys that differ and the ranks that differ from rank 0.
+    """
+    values = dict(_leaves(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+    keys = [key for key, _ in _leaves(OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))]
+    mine = torch.tensor([_digest(values.get(key)) for key in keys], dtype=torch.int64, device=comm.device)
+    rows = comm.all_gather(mine, tag="config").tolist()
+    differ = [i for i, key in enumerate(keys) if len({row[i] for row in rows}) > 1]
+    if not differ:
+        return
+    others = [r for r, row in enumerate(rows) if row != rows[0]]
+    here = ", ".join(f"{keys[i]}={values.get(keys[i])!r}" for i in differ)
+    raise ConfigError(f"the ranks were launched with different configs: ranks {others} differ from rank 0 in "
+                      f"{', '.join(keys[i] for i in differ)} (rank {comm.rank} has {here}); give every rank "
+                      "the same overrides")
+
+
+def _parallel(cfg: DictConfig) -> ParallelConfig:
+    try:
+        return ParallelConfig(**OmegaConf.to_container(cfg.parallel))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_steps(scheduler: SchedulerMixin, cfg: DictConfig) -> None:
+    """Raise `ConfigError` unless the scheduler makes `sampler.steps` distinct timesteps it was trained on."""
+    steps = cfg.sampler.steps
+    if _fits(scheduler, steps):
+        return
+    trained = scheduler.config.num_train_timesteps
+    most = next((n for n in range(min(steps, trained), 0, -1) if _fits(scheduler, n)), 0)
+    raise ConfigError(f"sampler.steps={steps}: the {cfg.sampler.name} scheduler of model {cfg.model.name} was "
+                      f"trained on {trained} timesteps (timestep_spacing={scheduler.config.timestep_spacing!r}, "
+                      f"steps_offset={scheduler.config.steps_offset}), so it can run at most {most} distinct "
+                      f"steps; set sampler.steps<={most}")
+
+
+def _fits(scheduler: SchedulerMixin, steps: int) -> bool:
+    trained = scheduler.config.num_train_timesteps
+    if steps > trained:  # never distinct; and a huge count would make huge arrays
+        return False
+    scheduler.set_timesteps(steps)
+    timesteps = set(scheduler.timesteps.tolist())
+    return len(timesteps) == steps and 0 <= min(timesteps) and max(timesteps) < trained
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-dict value of a nested dict, in order."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _digest(value: Any) -> int:
+    data = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(data[:8], "little", signed=True)
