@@ -66,6 +66,12 @@ def graphed(fn: Callable[..., torch.Tensor], name: str, device: str) -> Callable
     return CudaGraphed(fn, name) if is_cuda(device) else fn
 
 
+def is_graphed(forward: Any) -> bool:
+    """Whether a parallelized UNet's forward replays its steps as CUDA graphs (all captured)."""
+    graphs = forward.graphs.graphs.values()
+    return bool(graphs) and all(g.graph is not None for g in graphs)
+
+
 def bench_rank(n: int, split_cfg: bool = True) -> int:
     """The rank benchmarked: in its image's group of patches (N/2 with split CFG), one with a
     neighbour on each side where there is one (`simulator.unet_run.role_rank`)."""
@@ -149,8 +155,7 @@ def per_rank(unet: torch.nn.Module, n: int, res: int, iters: int, device: str = 
             model(**inputs)  # first steady step, eager
             before = len(comm.records)
             model(**inputs)  # captured
-        graphs = model.forward.graphs.values()
-        out[f"{name}_graphed"] = bool(graphs) and all(g.graph is not None for g in graphs)
+        out[f"{name}_graphed"] = is_graphed(model.forward)
         if name == "displaced":
             out["peak_gib"] = peak_gib(device)
             out["stale_buffer_mib"] = model.forward.ctx.allocated_bytes / 2**20
@@ -160,7 +165,7 @@ def per_rank(unet: torch.nn.Module, n: int, res: int, iters: int, device: str = 
     with torch.no_grad():
         for _ in range(rounds):
             for name, model in models.items():
-                ms = median_ms(lambda: model(**inputs), iters, device)
+                ms = median_ms(lambda model=model: model(**inputs), iters, device)
                 out[f"{name}_ms"] = min(out.get(f"{name}_ms", ms), ms)
     del models, model, displaced
     release(device)
@@ -170,11 +175,12 @@ def per_rank(unet: torch.nn.Module, n: int, res: int, iters: int, device: str = 
 
 def stock_vs_none(unet: torch.nn.Module, iters: int, device: str = "cuda", dtype: torch.dtype = torch.float16,
                   model_name: str = "sdxl", res: int = 1024, batch: int = 1) -> dict:
-    """One UNet step, graph-replayed: stock diffusers vs this project's mode=none (and stock eager)."""
+    """One UNet step, graph-replayed: stock diffusers vs this project's mode=none, which replays
+    its own graphs (and stock eager)."""
     inputs = step_inputs(model_name, res, device, dtype, batch)
     stock = graphed(lambda **kw: unet(**kw).sample, "stock UNet", device)
-    ours_model = parallelize(unet, EmulatedCommunicator(1, device=device), ParallelConfig(mode="none"))
-    ours = graphed(lambda **kw: ours_model(**kw).sample, "mode=none UNet", device)
+    ours_model = parallelize(unet_replica(unet), EmulatedCommunicator(1, device=device), ParallelConfig(mode="none"))
+    ours = lambda **kw: ours_model(**kw).sample  # noqa: E731
     with torch.no_grad():
         res_ = {"stock_ms": median_ms(lambda: stock(**inputs), iters, device),
                 "none_ms": median_ms(lambda: ours(**inputs), iters, device)}
