@@ -15,13 +15,20 @@ from hydra.core.config_store import ConfigStore
 from .parallel_config import ParallelConfig
 
 
-class Task(str, Enum):
+class Choice(str, Enum):
+    """One of a key's allowed strings; it prints, and interpolates (`${model.dtype}`), as itself."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Task(Choice):
     generate = "generate"
     quality = "quality"
     allgather_demo = "allgather_demo"
 
 
-class Dtype(str, Enum):
+class Dtype(Choice):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
