@@ -11,10 +11,10 @@
 #    a run cut short still returns everything measured before the cut.
 #
 # On the CPU, in seconds (tests/test_gpu_session.py runs this): bash bench/gpu_session.sh --dry-run
-# (results under ./gpu_session_out unless OUT is set; PYTHON picks the interpreter).
+# (results under /tmp/gpu_session_out unless OUT is set; PYTHON picks the interpreter).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu_session_out}"
+out="${OUT:-/tmp/gpu_session_out}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 if [ -d .whl ] && ! "$python" -c "import diffusers, simpy" 2>/dev/null; then
