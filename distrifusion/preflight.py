@@ -25,9 +25,6 @@ from .parallel_config import ParallelConfig
 from .patch_unet import check_height
 from .pipeline_factory import build_scheduler
 
-GENERATING = (Task.generate, Task.quality)
-
-
 class ConfigError(ValueError):
     """A config that cannot run; the message names the keys and what to change."""
 
@@ -41,7 +38,10 @@ def check_request(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"backend.timeout={cfg.backend.timeout:g}: the seconds a collective may wait "
                           "must be positive (default 60)")
     parallel = _parallel(cfg)
-    if cfg.task not in GENERATING:
+    if cfg.task == Task.allgather_demo:
+        if cfg.demo.mib < 0 or cfg.demo.repeats < 1:
+            raise ConfigError(f"demo.mib={cfg.demo.mib:g} demo.repeats={cfg.demo.repeats}: the demo gathers "
+                              "at least 0 MiB per rank, at least once")
         return
     if cfg.sampler.steps < 1:
         raise ConfigError(f"sampler.steps={cfg.sampler.steps}: a generation needs at least 1 denoising step")

@@ -60,6 +60,8 @@ def config(*overrides: str) -> DictConfig:
     (("sampler.name=dpm",), 2, "unknown scheduler kind 'dpm'; choose one of ('ddim', 'euler')"),
     (("backend.timeout=0",), 2, "backend.timeout=0: the seconds a collective may wait must be positive"),
     (("parallel.warmup_steps=-1",), 2, "ParallelConfig.warmup_steps must be >= 0"),
+    (("task=allgather_demo", "demo.repeats=0"), 2, "demo.mib=64 demo.repeats=0: the demo gathers"),
+    (("task=allgather_demo", "demo.mib=-1"), 2, "demo.mib=-1 demo.repeats=5: the demo gathers"),
 ])
 def test_a_request_that_cannot_run_says_what_to_change(overrides, world_size, message):
     with pytest.raises(ConfigError) as error:
