@@ -50,9 +50,12 @@ def check_request(cfg: DictConfig, world_size: int) -> None:
                           "no classifier-free guidance, or a value above 1 (default 5)")
     try:
         spec = get_spec(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name={cfg.model.name}: {e} (or pick one with model=NAME)") from e
+    try:
         scheduler = build_scheduler(cfg.sampler.name, cfg.model.name)
     except ValueError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(f"sampler.name={cfg.sampler.name}: {e} (or pick one with sampler=NAME)") from e
     _check_steps(scheduler, cfg)
     for key in ("height", "width"):
         size = cfg.model[key]
