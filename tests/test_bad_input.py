@@ -21,7 +21,7 @@ from backends.fake import spawn
 from distrifusion.config import register
 from distrifusion.patch_unet import check_height
 from distrifusion.preflight import ConfigError, check_request, check_same_config
-from launchers import launch_command, run_ranks
+from launchers import backend_of, launch_command, run_ranks
 from test_app import run_app
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -127,9 +127,8 @@ def test_fake_ranks_fail_before_any_starts(tmp_path, overrides, message):
 
 
 def run_launched(launcher: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    backend = "torch" if launcher == "torch" else "mpi"
-    return run_ranks(launcher, 2, "-m", "distrifusion", f"backend={backend}", f"output_dir={tmp_path / 'out'}",
-                     *overrides, timeout=LAUNCH_TIMEOUT)
+    return run_ranks(launcher, 2, "-m", "distrifusion", f"backend={backend_of(launcher)}",
+                     f"output_dir={tmp_path / 'out'}", *overrides, timeout=LAUNCH_TIMEOUT)
 
 
 def assert_failed_before_work(proc: subprocess.CompletedProcess, tmp_path: Path, *messages: str) -> None:
