@@ -1,12 +1,19 @@
 """MPI backend (mpi4py): nonblocking Iallgather/Iallreduce, launched by mpiexec/mpirun.
 
-CPU tensors are handed to MPI as zero-copy numpy views. CUDA tensors go straight to MPI when
-it is CUDA-aware, else through pinned host buffers allocated once per shape. Every wait polls
-the request against a deadline, so a lost peer gives `CollectiveTimeout` instead of a hang.
+Works with MPICH and Open MPI (4.1 and 5.0); mpi4py's wheel loads whichever `libmpi` its
+environment has, or the one `MPI4PY_LIBMPI` names. CPU tensors are handed to MPI as zero-copy
+numpy views. 16-bit floats travel as their raw 16-bit words: Open MPI 4.1 has no float16
+datatype and no MPI has a portable bfloat16 one (so they cannot be reduced). CUDA tensors go
+straight to MPI when it is CUDA-aware, else through pinned host buffers allocated once per
+shape. Every wait polls the request against a deadline, so a lost peer gives
+`CollectiveTimeout` instead of a hang; a rank that raises aborts the whole job.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import sys
 import time
 import traceback
@@ -27,7 +34,9 @@ from .base import (
 )
 
 _REDUCIBLE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_AS_WORDS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_HOST_BYTES = 64
+log = logging.getLogger(__name__)
 
 
 def _mpi():
@@ -38,11 +47,11 @@ def _mpi():
     return MPI
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a contiguous CPU tensor; dtypes numpy lacks travel as raw bits."""
-    if t.dtype == torch.bfloat16:
-        t = t.view(_BITS[t.element_size()])
-    return t.detach().numpy()
+def _mpi_buffer(t: torch.Tensor):
+    """What MPI is handed for contiguous `t`: a zero-copy view, 16-bit floats as raw int16 words."""
+    if t.dtype in _AS_WORDS:
+        t = t.view(_AS_WORDS[t.dtype])
+    return t if t.device.type == "cuda" else t.detach().numpy()
 
 
 class MPICommunicator(Communicator):
@@ -78,6 +87,21 @@ class MPICommunicator(Communicator):
         self._validate = validate
         self._staging: dict[tuple, torch.Tensor] = {}
         self._options = dict(device=device, timeout=timeout, validate=validate, cuda_aware=cuda_aware)
+        if _comm is None:
+            self._log_ranks()
+
+    def _log_ranks(self) -> None:
+        """Rank 0 logs the MPI library and every rank's host and pid.
+
+        When a rank dies, MPICH's mpiexec names only its pid; this line maps it to the rank.
+        """
+        me = f"{socket.gethostname()[:_HOST_BYTES - 9]}:{os.getpid()}".encode().ljust(_HOST_BYTES)
+        where = np.empty((self.world_size, _HOST_BYTES), dtype=np.uint8)
+        self._poll(self._comm.Iallgather(np.frombuffer(me, dtype=np.uint8), where), "start-up")
+        if self.rank == 0:
+            ranks = " ".join(f"{r}={row.tobytes().decode().strip()}" for r, row in enumerate(where))
+            library = " ".join(self._MPI.Get_library_version().splitlines()[0].split(",")[0].split())
+            log.info("mpi: %d ranks on %s; rank=host:pid %s", self.world_size, library, ranks)
 
     def _poll(self, request, what: str) -> None:
         deadline = time.monotonic() + self._timeout
@@ -105,15 +129,12 @@ class MPICommunicator(Communicator):
             self._staging[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return self._staging[key]
 
-    def _buffer(self, t: torch.Tensor):
-        return t if t.device.type == "cuda" else _as_numpy(t)
-
     def _all_gather(self, tensor: torch.Tensor, out: torch.Tensor) -> Work:
         self._check(signature("all_gather", tensor))
         send, recv = self._host(tensor, "send"), self._host(out, "recv")
         if send is not tensor:
             send.copy_(tensor)
-        request = self._comm.Iallgather(self._buffer(send), self._buffer(recv))
+        request = self._comm.Iallgather(_mpi_buffer(send), _mpi_buffer(recv))
 
         def wait() -> torch.Tensor:
             self._poll(request, "all_gather")
@@ -132,7 +153,7 @@ class MPICommunicator(Communicator):
         if buf is not tensor:
             buf.copy_(tensor)
         mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX, "min": self._MPI.MIN}[op]
-        request = self._comm.Iallreduce(self._MPI.IN_PLACE, self._buffer(buf), mpi_op)
+        request = self._comm.Iallreduce(self._MPI.IN_PLACE, _mpi_buffer(buf), mpi_op)
 
         def wait() -> torch.Tensor:
             self._poll(request, "all_reduce")
@@ -145,7 +166,7 @@ class MPICommunicator(Communicator):
         buf = self._host(tensor, "bcast")
         if buf is not tensor:
             buf.copy_(tensor)
-        self._poll(self._comm.Ibcast(self._buffer(buf), root=src), "broadcast")
+        self._poll(self._comm.Ibcast(_mpi_buffer(buf), root=src), "broadcast")
         return tensor if buf is tensor else tensor.copy_(buf)
 
     def _barrier(self) -> None:

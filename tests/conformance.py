@@ -12,7 +12,8 @@ import torch
 
 from backends import CollectiveMismatch, CommClosed, Communicator
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the pipeline sends: activations in the model's dtype, integers (colours, signatures).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)
 
 
 def rank_input(seed: int, rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -85,12 +86,13 @@ def check_closed(comm: Communicator) -> None:
 
 
 def random_cases(seed: int, count: int) -> list[tuple]:
-    """Seeded (shape, dtype, async_op, use_out) cases for the subprocess backends."""
+    """Seeded (seed, shape, dtype, async_op, use_out) cases for the subprocess backends; the
+    dtypes take turns, so every one of `DTYPES` is checked."""
     rng = random.Random(seed)
     cases = []
     for i in range(count):
         shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 4)))
-        cases.append((i, shape, rng.choice(DTYPES), rng.random() < 0.5, rng.random() < 0.5))
+        cases.append((i, shape, DTYPES[i % len(DTYPES)], rng.random() < 0.5, rng.random() < 0.5))
     return cases
 
 

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from PIL import Image
 
 from distrifusion.pipeline_factory import build_pipeline
+from launchers import LAUNCHERS, backend_of, library_of, rank_env, run_ranks
 from test_app import last_json, run_app
 
 COMMON = ("parallel.split_cfg=false", "parallel.warmup_steps=2", "sampler.steps=5", "save_latents=true")
 STEM = "tiny_displaced_2ranks_seed0"
-
-
-def launcher(backend: str) -> tuple[str, ...]:
-    bindir = Path(sys.executable).parent
-    if backend == "torch":
-        return (str(bindir / "torchrun"), "--standalone", "--nproc_per_node=2", "-m")
-    return (shutil.which("mpiexec", path=str(bindir)) or "mpiexec", "-n", "2", sys.executable, "-m")
-
-
-def run_launched(backend: str, out: Path):
-    import subprocess
-
-    cmd = [*launcher(backend), "distrifusion", f"backend={backend}", f"output_dir={out}", *COMMON]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def test_generate_writes_image_and_report(tmp_path):
@@ -45,18 +34,31 @@ def test_generate_writes_image_and_report(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fake_latents(tmp_path_factory) -> torch.Tensor:
-    out = tmp_path_factory.mktemp("fake")
-    proc = run_app("backend=fake", "world_size=2", f"output_dir={out}", *COMMON)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / f"{STEM}.latents.pt")
+def fake_latents(tmp_path_factory) -> Callable[[str], torch.Tensor]:
+    """The latents of 2 fake ranks in a dtype, computed at one thread per rank like the launched ranks."""
+
+    @functools.cache
+    def latents(dtype: str) -> torch.Tensor:
+        out = tmp_path_factory.mktemp(f"fake_{dtype}")
+        cmd = [sys.executable, "-m", "distrifusion", "backend=fake", "world_size=2", f"model.dtype={dtype}",
+               f"output_dir={out}", *COMMON]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=rank_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return torch.load(out / f"{STEM}.latents.pt")
+
+    return latents
 
 
-@pytest.mark.parametrize("backend", ["torch", "mpi"])
-def test_same_seed_same_latents_on_every_backend(tmp_path, backend, fake_latents):
-    proc = run_launched(backend, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / f"{STEM}.latents.pt"), fake_latents)
+# Every launcher in float32; the Open MPIs also in float16, the dtype Open MPI 4.1 has no MPI type for.
+@pytest.mark.parametrize("launcher,dtype", [*((launcher, "float32") for launcher in LAUNCHERS),
+                                            ("openmpi4", "float16"), ("openmpi5", "float16")])
+def test_same_seed_same_latents_on_every_backend(tmp_path, launcher, dtype, fake_latents):
+    proc = run_ranks(launcher, 2, "-m", "distrifusion", f"backend={backend_of(launcher)}", f"model.dtype={dtype}",
+                     f"output_dir={tmp_path}", *COMMON)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if launcher != "torch":
+        assert f"mpi: 2 ranks on {library_of(launcher)}" in proc.stdout, proc.stdout[:2000]
+    assert torch.equal(torch.load(tmp_path / f"{STEM}.latents.pt"), fake_latents(dtype))
 
 
 def test_local_weights_are_loaded_from_model_path(tmp_path):
