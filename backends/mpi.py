@@ -36,6 +36,9 @@ from .base import (
 _REDUCIBLE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 _AS_WORDS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _HOST_BYTES = 64
+# mpiexec forwards a rank's output asynchronously and drops what it has not read when the job is
+# aborted; before aborting, a rank waits this long so that its error reaches the user.
+_ABORT_GRACE_S = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -184,4 +187,5 @@ class MPICommunicator(Communicator):
         """Print the error being handled and abort the whole MPI job, so no rank waits forever."""
         traceback.print_exc()
         print(f"rank {self.rank}: aborting the MPI job", file=sys.stderr, flush=True)
+        time.sleep(_ABORT_GRACE_S)
         self._comm.Abort(1)
