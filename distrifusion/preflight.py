@@ -25,6 +25,7 @@ from .parallel_config import ParallelConfig
 from .patch_unet import check_height
 from .pipeline_factory import build_scheduler
 
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the keys and what to change."""
 
