@@ -51,6 +51,8 @@ class SimResult:
     hardware: str
     meta: dict = field(default_factory=dict)
     spans: list[Span] = field(default_factory=list)
+    # when the slowest rank finished each warm-up step, each steady step, then the final phase
+    step_end_s: list[float] = field(default_factory=list)
 
     def to_row(self) -> dict[str, Any]:
         """A flat CSV row: the trace's model/resolution/mode/dtype, the setup and the results."""
@@ -126,6 +128,7 @@ class _Sim:
         self.pending: dict[tuple[int, int, int], _Collective] = {}
         self.spans: list[Span] | None = [] if timeline else None
         self.finished_at: list[float | None] = [None] * topology.world_size
+        self.step_ends: list[list[float]] = [[] for _ in range(topology.world_size)]
         self.exposed = [0.0] * topology.world_size
         self.blocked_on: list[_Collective | None] = [None] * topology.world_size
         self._timer_gen = 0
@@ -201,7 +204,7 @@ class _Sim:
 def compute_stream(env: simpy.Environment, sim: _Sim, rank: int, schedule: list[tuple[list, int]]) -> Iterator:
     """Rank `rank`'s compute stream: run each phase's ops `reps` times."""
     latest: dict[int, _Collective] = {}  # id -> latest issued instance
-    spans = sim.spans
+    spans, step_ends = sim.spans, sim.step_ends[rank]
     for ops, reps in schedule:
         for _ in range(reps):
             for op in ops:
@@ -224,6 +227,7 @@ def compute_stream(env: simpy.Environment, sim: _Sim, rank: int, schedule: list[
                         yield coll.done
                         sim.exposed[rank] += env.now - blocked_since
                         sim.blocked_on[rank] = None
+            step_ends.append(env.now)
     sim.finished_at[rank] = env.now
 
 
@@ -323,6 +327,7 @@ def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: Calibra
         comm_s=max(s.busy for s in sim.streams), comm_exposed_s=max(sim.exposed),
         comm_bytes_per_device=max(s.sent for s in sim.streams), world_size=world, steps=steps,
         hardware=hardware.name, meta=dict(trace.get("meta", {})), spans=sim.spans or [],
+        step_end_s=[max(ends) for ends in zip(*sim.step_ends)],
     )
 
 

@@ -123,6 +123,30 @@ def test_wait_on_previous_step_instance():
     assert close(result.comm_exposed_s, (steps - 1) * t_comm)
 
 
+def test_step_end_s_marks_each_step_of_the_slowest_rank():
+    """Warm-up: compute w, sync gather. Steady: wait last step's gather, compute c, issue (c < t).
+
+    Steady step 1 ends w + t + c (nothing to wait for); each later one waits out the previous
+    gather, so steps end t + c apart; the final phase waits the last gather, and rank 1 computes
+    f more there, so the final entry is rank 1's.
+    """
+    nbytes, g, steps, warm, w, c, f = 4e8, 2, 6, 2, 0.02, 0.01, 0.03
+    t = ring_all_gather(nbytes, g)
+    assert c < t
+    warmup = [compute(w), issue(0, nbytes, g, is_async=False)]
+    steady = [wait(0), compute(c), issue(0, nbytes, g)]
+    trace = make_trace(g, [([0], steady), ([1], steady)], warmup=warmup, warmup_steps=warm)
+    trace["roles"][1]["phases"]["final"] = [wait(0), compute(f)]
+    trace["roles"][0]["phases"]["final"] = [wait(0)]
+    ends = simulate(trace, make_hw(num_devices=2), steps=steps).step_end_s
+    first_steady = warm * (w + t) + c
+    expect = [w + t, 2 * (w + t)] + [first_steady + k * (t + c) for k in range(steps - warm)]
+    expect.append(expect[-1] + t + f)
+    assert len(ends) == steps + 1
+    assert all(close(a, b) for a, b in zip(ends, expect)), (ends, expect)
+    assert all(b > a for a, b in zip(ends, ends[1:]))
+
+
 def test_rendezvous_waits_for_the_slowest_rank():
     nbytes, g, slow, fast = 1e8, 4, 0.3, 0.01
     event = lambda c: [compute(c), issue(0, nbytes, g, is_async=False), wait(0)]  # noqa: E731
