@@ -1,9 +1,10 @@
 """Plot a sweep CSV: `python -m simulator.plot results.csv [speedup.png]`.
 
-Speedup vs devices, one subplot per resolution, one line per hardware (and per parallel
-mode or model when the sweep varies them). Speedups are against each row's simulated
-single-device baseline (`single_device_latency_s`), so a sweep without world_size=1 still
-starts from the true one-device latency.
+Speedup, latency and the share of communication left exposed vs devices (`sweep.sweep_figure`),
+one column per resolution, one line per hardware (and per parallel mode or model when the
+sweep varies them). Speedups are against each row's simulated single-device baseline
+(`single_device_latency_s`), so a sweep without world_size=1 still starts from the true
+one-device latency.
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ def plot_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     for r in list(out):
         if (r["hardware"], r["resolution"]) not in have_one and r.get("single_device_latency_s"):
             have_one.add((r["hardware"], r["resolution"]))
-            out.insert(0, {**r, "devices": "1", "latency_s": r["single_device_latency_s"]})
+            out.insert(0, {**r, "devices": "1", "latency_s": r["single_device_latency_s"], "comm_s": "0",
+                           "comm_exposed_s": "0"})
     return out
 
 
 def plot_sweep(csv_path: str | Path, png_path: str | Path | None = None) -> Path:
-    """Draw the speedup PNG of sweep CSV `csv_path` (default: next to it, `speedup.png`)."""
+    """Draw the PNG of sweep CSV `csv_path` (default: next to it, `speedup.png`)."""
     csv_path = Path(csv_path)
     png = Path(png_path) if png_path else csv_path.with_name("speedup.png")
     rows = read_rows(csv_path)
     models = sorted({r.get("model", "") for r in rows})
-    return plot_speedup(plot_rows(rows), png, title=f"{', '.join(models)}: predicted speedup")
+    return plot_speedup(plot_rows(rows), png, title=f"{', '.join(models)}: predicted generation")
 
 
 def main(argv: list[str]) -> None:
