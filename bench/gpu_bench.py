@@ -8,7 +8,7 @@ code path, buffers and shapes, the other ranks' activations synthesised locally.
 Prints, all graph-replayed (CUDA graphs) unless said otherwise, SDXL fp16 random weights:
  1. stock diffusers UNet step (1024, batch 1) vs this project's mode=none step (goal <= 1.03);
  2. one rank's steady displaced step for N = 2, 4, 8 at 1024/2048/3840 vs the ideal patch
-    compute for that rank (`ideal_model`);
+    compute for that rank (`ideal_model`, `simulator.ceiling`);
  3. peak memory per rank, stale-buffer bytes, bytes each rank receives per step;
  4. a 50-step 1024x1024 CFG generation at N=1: this project vs stock diffusers (eager).
 and writes a markdown table (with device, date, versions, command) and JSON under --out.
@@ -41,11 +41,10 @@ from backends.emulated import EmulatedCommunicator  # noqa: E402
 from backends.recording import Recorder  # noqa: E402
 from distrifusion import ParallelConfig, parallelize  # noqa: E402
 from distrifusion.cuda_graph import CudaGraphed  # noqa: E402
-from distrifusion.patch_attention import PatchSelfAttention  # noqa: E402
-from distrifusion.patch_context import PatchContext  # noqa: E402
 from distrifusion.pipeline_factory import build_pipeline, build_unet  # noqa: E402
 from distrifusion.rank_replica import replica, unet_replica  # noqa: E402
 from simulator.device_timing import is_cuda, time_ms, wait  # noqa: E402
+from simulator.full_token_attention import to_ceiling  # noqa: E402
 from simulator.unet_run import role_rank, unet_inputs  # noqa: E402
 
 
@@ -78,38 +77,11 @@ def bench_rank(n: int, split_cfg: bool = True) -> int:
     return role_rank(n // 2 if split_cfg and n >= 2 else n)
 
 
-class FullTokenAttention(PatchSelfAttention):
-    """The ideal's self-attention: this patch's queries over the K/V of every patch of its
-    image (`ctx.world_size` patches, read when called: N/2 with split CFG), no exchange.
-
-    The other patches' K/V sit in a buffer allocated once (filled with copies of the first
-    call's real K/V, so the data, and with it the GPU's clocks, look like real activations);
-    each call writes its own slot.
-    """
-
-    def __init__(self, ctx: PatchContext):
-        self.ctx, self.kv = ctx, None
-
-    def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        patches, tokens = self.ctx.world_size, key.shape[1]
-        if self.kv is None or self.kv.shape[2] != patches * tokens:
-            self.kv = torch.stack([key, value]).repeat(1, 1, patches, 1)
-        mine = slice(self.ctx.rank * tokens, (self.ctx.rank + 1) * tokens)
-        self.kv[0, :, mine] = key
-        self.kv[1, :, mine] = value
-        return PatchSelfAttention._attend(attn, query, self.kv[0], self.kv[1])
-
-
 def ideal_model(unet: torch.nn.Module, n: int, device: str, split_cfg: bool = True) -> torch.nn.Module:
     """A replica of `unet` doing rank `bench_rank(n)`'s ideal patch compute (module doc)."""
     comm = EmulatedCommunicator(n, rank=bench_rank(n, split_cfg), device=device)
-    model = parallelize(unet_replica(unet), comm, ParallelConfig(mode="naive_patch", warmup_steps=1,
-                                                                 split_cfg=split_cfg))
-    ctx = model.forward.ctx
-    for m in model.modules():
-        if isinstance(getattr(m, "processor", None), PatchSelfAttention):
-            m.set_processor(FullTokenAttention(ctx))
-    return model
+    return to_ceiling(parallelize(unet_replica(unet), comm, ParallelConfig(mode="naive_patch", warmup_steps=1,
+                                                                           split_cfg=split_cfg)))
 
 
 def displaced_model(unet: torch.nn.Module, n: int, device: str, split_cfg: bool = True

@@ -1,4 +1,4 @@
-"""How long a compute event takes: a per-op roofline, optionally replaced by measured times.
+"""How long a compute event takes: `simulator.kernel_model` per op, or measured times.
 
 A trace op `{"kind", "key", "flops", "bytes", "count"}` stands for `count` launches of one
 kernel shape; its flops and bytes are totals over those launches. A `CalibrationProfile`
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .hardware import Device
+from .kernel_model import kernel_seconds
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,6 @@ class ProfileEntry:
     seconds: float
     flops: float
     bytes: float
-
-
-def roofline_seconds(flops: float, nbytes: float, count: int, device: Device, dtype: str) -> float:
-    """max(flops / achieved FLOP/s, bytes / achieved bandwidth) + launch overhead * count."""
-    compute = flops / (device.peak_flops[dtype] * device.flops_efficiency)
-    memory = nbytes / (device.memory_bandwidth * device.bandwidth_efficiency)
-    return max(compute, memory) + device.launch_overhead * count
 
 
 class CalibrationProfile:
@@ -87,8 +81,9 @@ class ComputeModel:
     """Seconds of trace compute events on `device` in `dtype`, calibrated where measured.
 
     An op whose (kind, key) the profile measured takes count * measured seconds. An op of a
-    measured kind but unmeasured key takes its roofline time scaled by that kind's
-    measured / roofline ratio (summed over the kind's entries). Anything else: the roofline.
+    measured kind but unmeasured key takes its modelled time (`kernel_model.kernel_seconds`)
+    scaled by that kind's measured / modelled ratio (summed over the kind's entries).
+    Anything else: the modelled time.
     """
 
     def __init__(self, device: Device, dtype: str, profile: CalibrationProfile | None = None):
@@ -101,23 +96,22 @@ class ComputeModel:
         for e in self.measured.values():
             pair = totals.setdefault(e.kind, [0.0, 0.0])
             pair[0] += e.seconds
-            pair[1] += roofline_seconds(e.flops, e.bytes, 1, device, dtype)
+            pair[1] += kernel_seconds({"kind": e.kind, "key": e.key, "flops": e.flops, "bytes": e.bytes},
+                                      device, dtype)
         self.kind_ratio = {k: m / r for k, (m, r) in totals.items() if r > 0}
 
     def op_seconds(self, op: dict[str, Any]) -> float:
         """Seconds of one trace op (all `count` launches)."""
-        count = int(op.get("count", 1))
         entry = self.measured.get((op["kind"], op.get("key", "")))
         if entry is not None:
-            return entry.seconds * count
-        roof = roofline_seconds(float(op["flops"]), float(op["bytes"]), count, self.device, self.dtype)
-        return roof * self.kind_ratio.get(op["kind"], 1.0)
+            return entry.seconds * int(op.get("count", 1))
+        return kernel_seconds(op, self.device, self.dtype) * self.kind_ratio.get(op["kind"], 1.0)
 
     def event_seconds(self, event: dict[str, Any]) -> float:
-        """Seconds of a compute event: its ops summed, or (no ops) the roofline of its totals
-        without launch overhead."""
+        """Seconds of a compute event: its ops summed, or (no ops) its FLOP and byte totals as
+        one shapeless launch without launch overhead."""
         ops = event.get("ops")
         if ops:
             return sum(self.op_seconds(op) for op in ops)
-        return roofline_seconds(float(event.get("flops", 0)), float(event.get("bytes", 0)), 0,
-                                self.device, self.dtype)
+        total = {"kind": "event", "flops": event.get("flops", 0), "bytes": event.get("bytes", 0)}
+        return kernel_seconds(total, self.device, self.dtype) - self.device.launch_overhead

@@ -20,14 +20,23 @@ INTRA_KINDS = ("nvswitch",)
 
 @dataclass(frozen=True)
 class Device:
-    """One accelerator: roofline peaks, the fractions of them kernels achieve, launch cost."""
+    """One accelerator: peaks, the fractions of them kernels achieve, what a kernel costs at
+    least, how many CTAs run at once (`simulator.kernel_model` uses them all)."""
 
     name: str
     peak_flops: dict[str, float]  # dense FLOP/s per dtype
     memory_bandwidth: float  # bytes/s
-    flops_efficiency: float  # achieved / peak FLOP/s
+    flops_efficiency: float  # achieved / peak FLOP/s of a full wave of GEMM tiles
     bandwidth_efficiency: float  # achieved / peak memory bandwidth
-    launch_overhead: float  # seconds per kernel
+    launch_overhead: float  # seconds every kernel costs under CUDA-graph replay
+    sm_count: int = 1  # CTAs of one wave (1: no wave quantization, a plain roofline)
+    attention_efficiency: float | None = None  # achieved / peak of a full wave of attention (None: flops_efficiency)
+    memory_gib: float | None = None  # device memory (None: unknown, nothing is checked against it)
+
+    @property
+    def attention_rate_efficiency(self) -> float:
+        """`attention_efficiency`, or `flops_efficiency` where the preset does not give it."""
+        return self.flops_efficiency if self.attention_efficiency is None else self.attention_efficiency
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,11 @@ class Interconnect:
     multinode: `gpus_per_node` GPUs per node joined by `intra_kind` at `link_bandwidth`; nodes
     joined by NICs with `nic_bandwidth` per node and direction and `nic_latency` per hop.
     Bandwidths are per direction; `nccl_efficiency` scales every link to NCCL's achieved bus
-    bandwidth; `latency` is the per ring step latency (alpha) inside a switch domain.
+    bandwidth; `latency` is the per ring step latency (alpha) inside a switch domain and
+    `base_latency` the fixed latency of every call, both of the bandwidth (NCCL Simple)
+    protocol. `protocols`: "nccl" lets each call take NCCL's cheapest protocol (and ring or tree
+    for all-reduce), "simple" always uses that one. `overlap_slowdown`: the fraction of its speed
+    a GPU's compute loses while its collectives run (their kernels hold SMs and memory bandwidth).
     """
 
     kind: str
@@ -56,6 +69,9 @@ class Interconnect:
     intra_kind: str | None = None
     nic_bandwidth: float | None = None
     nic_latency: float | None = None
+    base_latency: float = 0.0
+    protocols: str = "simple"
+    overlap_slowdown: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,16 +85,19 @@ class Hardware:
     interconnect: Interconnect
 
 
+_COLLECTIVE_KEYS = ("base_latency", "protocols", "overlap_slowdown")
 _KIND_KEYS = {
-    "nvswitch": (),
-    "pcie": ("gpus_per_switch", "switches_per_socket", "host_bridge_bandwidth", "cross_socket_bandwidth"),
-    "multinode": ("gpus_per_node", "intra_kind", "nic_bandwidth", "nic_latency"),
+    "nvswitch": _COLLECTIVE_KEYS,
+    "pcie": ("gpus_per_switch", "switches_per_socket", "host_bridge_bandwidth", "cross_socket_bandwidth",
+             *_COLLECTIVE_KEYS),
+    "multinode": ("gpus_per_node", "intra_kind", "nic_bandwidth", "nic_latency", *_COLLECTIVE_KEYS),
 }
 _RULES = {
-    "name": "str", "kind": "str", "intra_kind": "str",
-    "num_devices": "int", "gpus_per_switch": "int", "switches_per_socket": "int", "gpus_per_node": "int",
-    "flops_efficiency": "fraction", "bandwidth_efficiency": "fraction", "nccl_efficiency": "fraction",
-    "latency": "nonneg", "nic_latency": "nonneg", "launch_overhead": "nonneg",
+    "name": "str", "kind": "str", "intra_kind": "str", "protocols": "str",
+    "num_devices": "int", "sm_count": "int", "gpus_per_switch": "int", "switches_per_socket": "int", "gpus_per_node": "int",
+    "flops_efficiency": "fraction", "attention_efficiency": "fraction", "bandwidth_efficiency": "fraction", "nccl_efficiency": "fraction",
+    "latency": "nonneg", "nic_latency": "nonneg", "launch_overhead": "nonneg", "base_latency": "nonneg",
+    "overlap_slowdown": "nonneg",
 }  # every other key: a number > 0
 
 
@@ -106,13 +125,13 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 def hardware_from_dict(data: Any) -> Hardware:
     """Build a `Hardware` from a parsed YAML mapping, raising `ValueError` on bad keys or values."""
     top = _section(data, "hardware", ("name", "num_devices", "device", "interconnect"), ("description",))
-    dev = _section(top["device"], "device", tuple(f.name for f in fields(Device)), ())
+    optional = ("sm_count", "attention_efficiency", "memory_gib")
+    dev = _section(top["device"], "device", tuple(f.name for f in fields(Device) if f.name not in optional), optional)
     peaks = _section(dev["peak_flops"], "device.peak_flops", DTYPES, ())
     device = Device(
         name=_value("device.name", dev["name"]),
         peak_flops={d: _value(f"device.peak_flops.{d}", peaks[d]) for d in DTYPES},
-        **{k: _value(f"device.{k}", dev[k]) for k in
-           ("memory_bandwidth", "flops_efficiency", "bandwidth_efficiency", "launch_overhead")},
+        **{k: _value(f"device.{k}", v) for k, v in dev.items() if k not in ("name", "peak_flops")},
     )
     net = top["interconnect"]
     kind = net.get("kind") if isinstance(net, dict) else None

@@ -33,7 +33,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TRACE_VERSION = "2"
 DEFAULT_CACHE = "~/.cache/distrifusion/traces"
@@ -76,16 +76,22 @@ def load_or_record(model: str, resolution: int, world_size: int, mode: str, warm
                    cfg: bool = True, cache_dir: str | Path | None = None) -> dict:
     """The cached trace of these arguments, recording and caching it first if needed."""
     args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
+    return cached(args, lambda: record(**args), cache_dir)
+
+
+def cached(args: dict[str, Any], produce: Callable[[], dict], cache_dir: str | Path | None = None) -> dict:
+    """The JSON cached under `args` (with `model`, `resolution`, `world_size`, `mode`), made by
+    `produce()` and cached first if missing."""
     path = cache_path(args, cache_dir)
     if path.is_file():
         return json.loads(path.read_text())
-    trace = record(**args)
+    data = produce()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(trace, f, separators=(",", ":"))
+        json.dump(data, f, separators=(",", ":"))
     os.replace(tmp, path)  # atomic: concurrent recorders never leave a half-written file
-    return trace
+    return data
 
 
 class _StepEvents:
