@@ -1,10 +1,13 @@
 """The SimPy model: replay a recorded trace on modelled hardware.
 
 Per rank, as on a GPU, a compute stream and a comm stream. The compute stream is a SimPy
-process walking the trace (compute -> timeout, issue -> hand the collective to the comm
-stream, wait -> block until it completes). The comm stream runs its collectives one at a time
-in issue order. A collective starts once every rank of its group has it at the head of its
-comm stream, waits its ring latency, then moves its bytes through the shared `FluidNetwork`.
+process walking the trace (compute -> run the op's seconds of work, issue -> hand the
+collective to the comm stream, wait -> block until it completes). The comm stream runs its
+collectives one at a time in issue order. A collective starts once every rank of its group has
+it at the head of its comm stream, waits its latency (`topology.Plan`), then moves its bytes
+through the shared `FluidNetwork`. While a rank's comm stream runs a collective, its compute
+work progresses at 1 - `interconnect.overlap_slowdown` of full speed: NCCL's kernels hold SMs
+and memory bandwidth of the same GPU.
 
 Trace layout (see `simulate`): meta {world_size, dtype, warmup_steps, ...} and roles, each a
 list of ranks with phases warmup / steady / final of events:
@@ -15,13 +18,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import simpy
 
 from .compute_model import CalibrationProfile, ComputeModel
 from .hardware import Hardware, load_hardware
-from .topology import COLLECTIVES, FluidNetwork, Ring, Topology, ring_plan
+from .topology import COLLECTIVES, FluidNetwork, Plan, Topology
 
 COMPUTE, ISSUE, WAIT = 0, 1, 2
 PHASES = ("warmup", "steady", "final")
@@ -42,10 +45,11 @@ class SimResult:
     """Outcome of one simulation; times in seconds, maxima over ranks."""
 
     latency_s: float  # until the last compute stream finishes
-    compute_s: float  # compute stream busy time
+    compute_s: float  # compute stream work at full speed
     comm_s: float  # comm stream busy time (latency + transfer of its collectives)
     comm_exposed_s: float  # time the compute stream sat blocked in waits
     comm_bytes_per_device: float  # bytes one device sent over the run
+    compute_slowdown_s: float  # compute time lost to collectives running beside it
     world_size: int
     steps: int
     hardware: str
@@ -68,20 +72,22 @@ class SimResult:
 class _Collective:
     """One collective instance shared by the ranks of its group."""
 
-    __slots__ = ("kind", "nbytes", "tag", "size", "ring", "steps", "sent", "issued", "streams",
-                 "done", "start", "end")
+    __slots__ = ("kind", "nbytes", "tag", "size", "ranks", "plan", "loads", "issued", "streams",
+                 "waiters", "start", "end")
 
-    def __init__(self, op: tuple, ring: Ring):
-        _, _, self.kind, self.nbytes, self.size, self.tag, self.steps, self.sent = op
-        self.ring = ring
+    def __init__(self, op: tuple, topology: Topology, first: int):
+        _, _, self.kind, self.nbytes, self.size, self.tag = op
+        self.plan: Plan = topology.plan(self.kind, self.nbytes, first, self.size)
+        ring = topology.ring(first, self.size)
+        self.ranks, self.loads = ring.ranks, ring.loads
         self.issued = 0
         self.streams: list[_CommStream] = []  # comm streams that reached it, in arrival order
-        self.done: simpy.Event | None = None  # made only if a compute stream has to wait
+        self.waiters: list[_ComputeStream] = []  # compute streams blocked on it
         self.start: float | None = None
         self.end: float | None = None
 
     def describe(self) -> str:
-        return f"{self.kind} {self.tag!r} of ranks {self.ring.ranks[0]}..{self.ring.ranks[-1]}"
+        return f"{self.kind} {self.tag!r} of ranks {self.ranks[0]}..{self.ranks[-1]}"
 
 
 class _CommStream:
@@ -92,12 +98,13 @@ class _CommStream:
     schedule a process would produce, without two process switches per collective and rank.
     """
 
-    __slots__ = ("sim", "rank", "queue", "busy", "sent")
+    __slots__ = ("sim", "rank", "queue", "busy", "sent", "running")
 
     def __init__(self, sim: "_Sim", rank: int):
         self.sim, self.rank = sim, rank
         self.queue: deque[_Collective] = deque()
         self.busy = self.sent = 0.0
+        self.running = False  # a collective of this stream is past its rendezvous
 
     def offer(self, coll: _Collective) -> None:
         """`coll` is at the head of this stream; the last rank of the group to offer starts it."""
@@ -110,7 +117,7 @@ class _CommStream:
         queue = self.queue
         queue.popleft()
         self.busy += coll.end - coll.start
-        self.sent += coll.sent
+        self.sent += coll.plan.sent
         if self.sim.spans is not None:
             self.sim.spans.append(Span(self.rank, "comm", coll.tag or coll.kind, coll.start, coll.end))
         if queue:
@@ -122,15 +129,16 @@ class _Sim:
 
     def __init__(self, env: simpy.Environment, topology: Topology, timeline: bool):
         self.env, self.topology = env, topology
+        slowdown = topology.net.overlap_slowdown
+        if not 0 <= slowdown < 1:
+            raise ValueError(f"interconnect.overlap_slowdown must be in [0, 1), got {slowdown}")
+        self.overlapped_rate = 1.0 - slowdown
         self.network = FluidNetwork(topology.capacities)
         self.streams = [_CommStream(self, r) for r in range(topology.world_size)]
+        self.computes: list[_ComputeStream] = []
         self.seqs: list[dict[int, int]] = [{} for _ in range(topology.world_size)]
         self.pending: dict[tuple[int, int, int], _Collective] = {}
         self.spans: list[Span] | None = [] if timeline else None
-        self.finished_at: list[float | None] = [None] * topology.world_size
-        self.step_ends: list[list[float]] = [[] for _ in range(topology.world_size)]
-        self.exposed = [0.0] * topology.world_size
-        self.blocked_on: list[_Collective | None] = [None] * topology.world_size
         self._timer_gen = 0
         self._timer_at = float("inf")
 
@@ -144,7 +152,7 @@ class _Sim:
         key = (first, size, n)
         coll = self.pending.get(key)
         if coll is None:
-            coll = self.pending[key] = _Collective(op, self.topology.ring(first, size))
+            coll = self.pending[key] = _Collective(op, self.topology, first)
         elif coll.kind != op[2] or coll.nbytes != op[3]:
             raise ValueError(f"rank {rank} issued {op[2]} of {op[3]} bytes (tag {op[5]!r}) where an earlier rank "
                              f"of its group issued {coll.kind} of {coll.nbytes} bytes (tag {coll.tag!r})")
@@ -158,9 +166,12 @@ class _Sim:
         return coll
 
     def start(self, coll: _Collective) -> None:
-        """Every rank of the group is ready: pay the ring latency, then move the bytes."""
+        """Every rank of the group is ready: pay the call's latency, then move the bytes."""
         coll.start = self.env.now
-        latency = coll.steps * coll.ring.alpha
+        for stream in coll.streams:
+            stream.running = True
+            self.computes[stream.rank].set_rate(self.overlapped_rate)
+        latency = coll.plan.latency
         if latency > 0:
             self.env.timeout(latency, coll).callbacks.append(self._begin_transfer)
         else:
@@ -170,18 +181,22 @@ class _Sim:
         self._transfer(event.value)
 
     def _transfer(self, coll: _Collective) -> None:
-        if coll.sent > 0:
-            self.network.add(self.env.now, coll.sent, coll.ring.loads, coll)
+        if coll.plan.load > 0:
+            self.network.add(self.env.now, coll.plan.load, coll.loads, coll)
             self._arm()
         else:
             self._finish(coll)
 
     def _finish(self, coll: _Collective) -> None:
         coll.end = self.env.now
-        if coll.done is not None:
-            coll.done.succeed()
+        if coll.waiters:
+            self.env.timeout(0, coll.waiters).callbacks.append(_wake)
         for stream in coll.streams:
+            stream.running = False
             stream.completed(coll)
+        for stream in coll.streams:
+            if not stream.running:  # no next collective started at once
+                self.computes[stream.rank].set_rate(1.0)
 
     def _arm(self) -> None:
         at = self.network.next_finish()
@@ -201,41 +216,114 @@ class _Sim:
         self._arm()
 
 
-def compute_stream(env: simpy.Environment, sim: _Sim, rank: int, schedule: list[tuple[list, int]]) -> Iterator:
-    """Rank `rank`'s compute stream: run each phase's ops `reps` times."""
-    latest: dict[int, _Collective] = {}  # id -> latest issued instance
-    spans, step_ends = sim.spans, sim.step_ends[rank]
-    for ops, reps in schedule:
-        for _ in range(reps):
-            for op in ops:
+class _ComputeStream:
+    """One rank's compute stream walking its steps; event-driven like `_CommStream`.
+
+    A compute op is `left` seconds of full-speed work progressing at `rate`. Its end timer is
+    re-armed when the rate rises (a timer of an older `gen` is ignored); when the rate falls the
+    timer fires early, finds work left and re-arms then, which saves a timer per overlap.
+    """
+
+    __slots__ = ("sim", "rank", "steps", "ops", "pos", "latest", "op", "left", "rate", "since", "begin", "gen",
+                 "ran", "exposed", "blocked_on", "blocked_since", "step_ends", "finished_at")
+
+    def __init__(self, sim: _Sim, rank: int, schedule: list[tuple[list, int]]):
+        self.sim, self.rank = sim, rank
+        self.steps = deque(ops for ops, reps in schedule for _ in range(reps))
+        self.ops, self.pos = self.steps.popleft(), 0
+        self.latest: dict[int, _Collective] = {}  # id -> latest issued instance
+        self.op: tuple | None = None  # the compute op in progress
+        self.left = self.since = self.begin = 0.0
+        self.rate = 1.0
+        self.gen = 0
+        self.ran = self.exposed = 0.0  # seconds spent computing, and blocked in waits
+        self.blocked_on: _Collective | None = None
+        self.blocked_since = 0.0
+        self.step_ends: list[float] = []
+        self.finished_at: float | None = None
+
+    def run(self) -> None:
+        """Walk the ops until one takes time: a compute op, or a wait on an unfinished collective."""
+        sim, now = self.sim, self.sim.env.now
+        while True:
+            ops = self.ops
+            while self.pos < len(ops):
+                op = ops[self.pos]
+                self.pos += 1
                 code = op[0]
                 if code == COMPUTE:
-                    if spans is not None:
-                        t = env.now
-                        for name, seconds in op[2]:
-                            spans.append(Span(rank, "compute", name, t, t + seconds))
-                            t += seconds
-                    yield env.timeout(op[1])
-                elif code == ISSUE:
-                    latest[op[1]] = sim.issue(rank, op)
+                    self.op, self.left, self.begin, self.since = op, op[1], now, now
+                    self._arm()
+                    return
+                if code == ISSUE:
+                    self.latest[op[1]] = sim.issue(self.rank, op)
                 else:
-                    coll = latest.get(op[1])
+                    coll = self.latest.get(op[1])
                     if coll is not None and coll.end is None:
-                        if coll.done is None:
-                            coll.done = env.event()
-                        blocked_since, sim.blocked_on[rank] = env.now, coll
-                        yield coll.done
-                        sim.exposed[rank] += env.now - blocked_since
-                        sim.blocked_on[rank] = None
-            step_ends.append(env.now)
-    sim.finished_at[rank] = env.now
+                        coll.waiters.append(self)
+                        self.blocked_on, self.blocked_since = coll, now
+                        return
+            self.step_ends.append(now)
+            if not self.steps:
+                self.finished_at = now
+                return
+            self.ops, self.pos = self.steps.popleft(), 0
+
+    def set_rate(self, rate: float) -> None:
+        """Change the compute speed, settling the work done at the old one."""
+        if rate == self.rate:
+            return
+        faster = rate > self.rate
+        if self.op is not None:
+            self._settle()
+        self.rate = rate
+        if faster and self.op is not None:
+            self._arm()
+
+    def _settle(self) -> None:
+        now = self.sim.env.now
+        self.left -= (now - self.since) * self.rate
+        self.since = now
+
+    def wake(self) -> None:
+        """The awaited collective finished."""
+        self.exposed += self.sim.env.now - self.blocked_since
+        self.blocked_on = None
+        self.run()
+
+    def _arm(self) -> None:
+        self.gen += 1
+        self.sim.env.timeout(max(self.left, 0.0) / self.rate, self.gen).callbacks.append(self._op_done)
+
+    def _op_done(self, event: simpy.Event) -> None:
+        if event.value != self.gen:
+            return
+        self._settle()
+        now = self.sim.env.now
+        if self.left > 1e-12 * max(1.0, now) * self.rate:  # the rate fell since the timer was set
+            self._arm()
+            return
+        op, self.op = self.op, None
+        self.ran += now - self.begin
+        spans = self.sim.spans
+        if spans is not None:
+            scale, t = (now - self.begin) / op[1], self.begin  # slowed parts, stretched evenly
+            for name, seconds in op[2]:
+                spans.append(Span(self.rank, "compute", name, t, t + seconds * scale))
+                t += seconds * scale
+        self.run()
+
+
+def _wake(event: simpy.Event) -> None:
+    for stream in event.value:
+        stream.wake()
 
 
 def compile_phase(events: list[dict], model: ComputeModel, world_size: int, where: str) -> list[tuple]:
     """Trace events -> op tuples; consecutive compute events merge into one timeout.
 
     (COMPUTE, seconds, ((tag, seconds), ...)),
-    (ISSUE, id, kind, bytes, group_size, tag, ring steps, bytes sent per rank), (WAIT, id).
+    (ISSUE, id, kind, bytes, group_size, tag), (WAIT, id).
     A synchronous issue gets its wait right after it if the trace lacks one.
     """
     ops: list[tuple] = []
@@ -261,7 +349,7 @@ def compile_phase(events: list[dict], model: ComputeModel, world_size: int, wher
             if size < 1 or world_size % size:
                 raise ValueError(f"{where} event {i}: group_size {size} does not divide world_size {world_size}")
             nbytes = float(ev["bytes"])
-            ops.append((ISSUE, ev["id"], ev["kind"], nbytes, size, ev.get("tag"), *ring_plan(ev["kind"], nbytes, size)))
+            ops.append((ISSUE, ev["id"], ev["kind"], nbytes, size, ev.get("tag")))
             nxt = events[i + 1] if i + 1 < len(events) else {}
             if not ev.get("async", False) and not (nxt.get("type") == "wait" and nxt.get("id") == ev["id"]):
                 ops.append((WAIT, ev["id"]))
@@ -317,29 +405,33 @@ def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: Calibra
     schedules, world = _schedules(trace, model, steps)
     env = simpy.Environment()
     sim = _Sim(env, Topology(hardware, world), timeline)
-    for rank in range(world):
-        env.process(compute_stream(env, sim, rank, schedules[rank]))
+    sim.computes = [_ComputeStream(sim, rank, schedules[rank]) for rank in range(world)]
+    for stream in sim.computes:
+        stream.run()
     env.run()
     _check_finished(sim)
     busy = [sum(op[1] * reps for ops, reps in schedules[r] for op in ops if op[0] == COMPUTE) for r in range(world)]
+    computes = sim.computes
     return SimResult(
-        latency_s=max(sim.finished_at), compute_s=max(busy),
-        comm_s=max(s.busy for s in sim.streams), comm_exposed_s=max(sim.exposed),
-        comm_bytes_per_device=max(s.sent for s in sim.streams), world_size=world, steps=steps,
+        latency_s=max(c.finished_at for c in computes), compute_s=max(busy),
+        comm_s=max(s.busy for s in sim.streams), comm_exposed_s=max(c.exposed for c in computes),
+        comm_bytes_per_device=max(s.sent for s in sim.streams),
+        compute_slowdown_s=max(c.ran - b for c, b in zip(computes, busy)), world_size=world, steps=steps,
         hardware=hardware.name, meta=dict(trace.get("meta", {})), spans=sim.spans or [],
-        step_end_s=[max(ends) for ends in zip(*sim.step_ends)],
+        step_end_s=[max(ends) for ends in zip(*(c.step_ends for c in computes))],
     )
 
 
 def _check_finished(sim: _Sim) -> None:
     """Raise if a compute stream never finished or a collective never found its whole group."""
-    stuck = [r for r, t in enumerate(sim.finished_at) if t is None]
+    stuck = [c.rank for c in sim.computes if c.finished_at is None]
     stuck += [r for r, stream in enumerate(sim.streams) if stream.queue and r not in stuck]
     if not stuck:
         return
     lines = []
     for r in stuck[:8]:
-        waits = sim.blocked_on[r].describe() if sim.blocked_on[r] else "nothing"
+        blocked_on = sim.computes[r].blocked_on
+        waits = blocked_on.describe() if blocked_on else "nothing"
         queue = sim.streams[r].queue
         at = f"{queue[0].describe()} ({len(queue[0].streams)}/{queue[0].size} ranks ready)" if queue else "idle"
         lines.append(f"rank {r}: compute waits for {waits}; comm stream at {at}")

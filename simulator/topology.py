@@ -1,21 +1,37 @@
-"""Alpha-beta cost of ring collectives over a topology, with links shared as a fluid.
+"""Cost of collectives over a topology as NCCL runs them, with links shared as a fluid.
 
-A collective among `g` ranks runs as one ring in rank order. Each ring hop loads a set of
+A collective among `g` ranks runs over one ring in rank order. Each ring hop loads a set of
 links (a GPU's port, a PCIe switch uplink, a socket's host bridge, the inter-socket link, a
-node's NIC); the ring's bus bandwidth is that of its most loaded link. `FluidNetwork` holds
-the transfers in flight: a link's capacity is split equally between the ring hops crossing
-it, a transfer moves at the rate of its tightest link, and rates are re-divided whenever a
-transfer starts or ends.
+node's NIC); the ring's bus bandwidth is that of its most loaded link. One call costs a fixed
+base latency, a latency per algorithm step, and its bytes at a share of the bus bandwidth
+(`Plan`). With `interconnect.protocols: nccl` each call takes the cheapest of NCCL's protocols
+(LL, LL128 on NVLink, Simple) and, for all-reduce, ring or tree, as NCCL's tuning model does;
+with `simple` it always uses the preset's one protocol. `FluidNetwork` holds the transfers in
+flight: a link's capacity is split equally between the ring hops crossing it, a transfer
+moves at the rate of its tightest link, and rates are re-divided whenever one starts or ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .hardware import Hardware
 
 COLLECTIVES = ("all_gather", "all_reduce", "broadcast", "barrier")
+PROTOCOL_CHOICES = ("nccl", "simple")
+
+# NCCL's tuning model, src/graph/tuning.cc (NCCL 2.19-2.21): base latency per call and latency per
+# step by link (NVLink, PCI, network), in seconds, for the low-latency protocols and the tree. The
+# Simple ring's numbers are the preset's `base_latency`, `latency` and `nic_latency`.
+_BASE = {("ring", "LL"): 6.6e-6, ("ring", "LL128"): 14.0e-6,
+         ("tree", "LL"): 6.8e-6, ("tree", "LL128"): 14.0e-6, ("tree", "Simple"): 0.0}
+_STEP = {"nvlink": {("ring", "LL"): 0.6e-6, ("ring", "LL128"): 1.9e-6,
+                    ("tree", "LL"): 0.6e-6, ("tree", "LL128"): 1.25e-6, ("tree", "Simple"): 28e-6},
+         "pci": {("ring", "LL"): 1.0e-6, ("ring", "LL128"): 2.5e-6,
+                 ("tree", "LL"): 1.0e-6, ("tree", "LL128"): 1.9e-6, ("tree", "Simple"): 28e-6},
+         "net": {("ring", "LL"): 2.7e-6, ("ring", "LL128"): 4.0e-6,
+                 ("tree", "LL"): 5.0e-6, ("tree", "LL128"): 8.5e-6, ("tree", "Simple"): 28e-6}}
 
 
 @dataclass(frozen=True)
@@ -24,8 +40,18 @@ class Ring:
 
     ranks: tuple[int, ...]
     loads: tuple[tuple[int, int], ...]
-    alpha: float  # mean latency of one ring step, seconds
+    nodes: int  # nodes the ring spans (1 unless multinode)
     bus_bandwidth: float  # bytes/s per hop when the ring runs alone
+
+
+class Plan(NamedTuple):
+    """How one call runs: latency before its bytes move, then `load` bytes per hop at bus rate."""
+
+    algorithm: str  # "ring" or "tree"
+    protocol: str  # "LL", "LL128" or "Simple"
+    latency: float  # seconds: base latency + steps * per step latency
+    load: float  # bytes per ring hop, the protocol's bandwidth share folded in
+    sent: float  # payload bytes each rank sends
 
 
 def ring_plan(kind: str, nbytes: float, group_size: int) -> tuple[int, float]:
@@ -49,10 +75,9 @@ def ring_plan(kind: str, nbytes: float, group_size: int) -> tuple[int, float]:
     raise ValueError(f"unknown collective kind {kind!r}; expected one of {COLLECTIVES}")
 
 
-def isolated_time(kind: str, nbytes: float, ring: Ring) -> float:
-    """Seconds `kind` takes on `ring` with no other traffic: steps*alpha + bytes/bus_bandwidth."""
-    steps, sent = ring_plan(kind, nbytes, len(ring.ranks))
-    return steps * ring.alpha + (sent / ring.bus_bandwidth if sent else 0.0)
+def isolated_time(plan: Plan, ring: Ring) -> float:
+    """Seconds `plan` takes on `ring` with no other traffic."""
+    return plan.latency + plan.load / ring.bus_bandwidth
 
 
 class Topology:
@@ -68,6 +93,10 @@ class Topology:
         self.link_names: list[str] = []  # per link, e.g. "gpu3.tx", "switch1.up", "socket0->1"
         self._index: dict[str, int] = {}
         self._rings: dict[tuple[int, int], Ring] = {}
+        self._plans: dict[tuple[str, float, int, int], Plan] = {}
+        if self.net.protocols not in PROTOCOL_CHOICES:
+            raise ValueError(f"interconnect.protocols must be one of {PROTOCOL_CHOICES}, got {self.net.protocols!r}")
+        self._intra = "pci" if self.net.kind == "pcie" else "nvlink"
 
     def ring(self, first: int, size: int) -> Ring:
         """The ring of ranks `first .. first+size-1` (cached)."""
@@ -75,6 +104,57 @@ class Topology:
         if ring is None:
             ring = self._rings[(first, size)] = self._build_ring(tuple(range(first, first + size)))
         return ring
+
+    def plan(self, kind: str, nbytes: float, first: int, size: int) -> Plan:
+        """How the group `first .. first+size-1` runs `kind` on `nbytes` per rank (cached)."""
+        key = (kind, nbytes, first, size)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._cheapest(kind, nbytes, self.ring(first, size))
+        return plan
+
+    def _cheapest(self, kind: str, nbytes: float, ring: Ring) -> Plan:
+        """The candidate with the least isolated time, as NCCL picks by its own model."""
+        steps, sent = ring_plan(kind, nbytes, len(ring.ranks))
+        if steps == 0:
+            return Plan("ring", "Simple", 0.0, 0.0, 0.0)
+        net = self.net
+        candidates = [Plan("ring", "Simple", net.base_latency + steps * self._step(ring, "ring", "Simple"), sent, sent)]
+        if net.protocols == "nccl":
+            reduces = kind in ("all_reduce", "barrier")
+            shares = {"LL": 1 / 4 if reduces or ring.nodes > 1 else 1 / 3}
+            if self._intra == "nvlink":
+                shares["LL128"] = 0.92
+            for proto, share in shares.items():
+                latency = _BASE["ring", proto] + steps * self._step(ring, "ring", proto)
+                candidates.append(Plan("ring", proto, latency, sent / share, sent))
+            if reduces:
+                candidates += [self._tree(proto, nbytes, sent, ring) for proto in ("LL", "LL128", "Simple")
+                               if proto != "LL128" or self._intra == "nvlink"]
+        return min(candidates, key=lambda p: isolated_time(p, ring))
+
+    def _step(self, ring: Ring, algorithm: str, protocol: str) -> float:
+        """Mean latency of one ring step: of the g-1 steps, nodes-1 cross the network (NCCL's model)."""
+        simple = protocol == "Simple" and algorithm == "ring"
+        intra = self.net.latency if simple else _STEP[self._intra][algorithm, protocol]
+        if ring.nodes == 1:
+            return intra
+        inter = self.net.nic_latency if simple else _STEP["net"][algorithm, protocol]
+        g = len(ring.ranks)
+        return ((g - ring.nodes) * intra + (ring.nodes - 1) * inter) / (g - 1)
+
+    def _tree(self, protocol: str, nbytes: float, sent: float, ring: Ring) -> Plan:
+        """NCCL's all-reduce tree: a chain inside each node, a binary tree between nodes.
+
+        Latency base + 2((g/nodes-1) intra + floor(log2(nodes)) inter); bandwidth half of 92% of the bus
+        (LL: /3.8 more, LL128: 7/9 in one node, 120/128 across nodes), over the ring's links.
+        """
+        g, nodes = len(ring.ranks), ring.nodes
+        intra = _STEP[self._intra]["tree", protocol]
+        latency = _BASE["tree", protocol] + 2 * ((g // nodes - 1) * intra
+                                                 + (nodes.bit_length() - 1) * _STEP["net"]["tree", protocol])
+        share = 0.92 * {"LL": 1 / 3.8, "LL128": 7 / 9 if nodes == 1 else 120 / 128, "Simple": 1.0}[protocol]
+        return Plan("tree", protocol, latency, 2 * nbytes / share, sent)
 
     def _build_ring(self, ranks: tuple[int, ...]) -> Ring:
         counts: dict[int, int] = {}
@@ -87,12 +167,7 @@ class Topology:
                 counts[link] = counts.get(link, 0) + 1
         loads = tuple(sorted(counts.items()))
         bus = min((self.capacities[l] / m for l, m in loads), default=float("inf"))
-        alpha = self.net.latency
-        if inter_hops:
-            # as in NCCL's tuning model: of the g-1 steps, (nodes-1) cross the network
-            nodes, g = inter_hops, len(ranks)
-            alpha = ((g - nodes) * self.net.latency + (nodes - 1) * self.net.nic_latency) / (g - 1)
-        return Ring(ranks, loads, alpha, bus)
+        return Ring(ranks, loads, max(inter_hops, 1), bus)
 
     def _link(self, name: str, bandwidth: float) -> int:
         index = self._index.get(name)

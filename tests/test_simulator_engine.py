@@ -14,7 +14,7 @@ from simulator.sweep import append_row, plot_speedup, read_rows, speedups
 from simulator.topology import Topology, isolated_time
 
 PEAK, F_FLOPS, MEM_BW, F_BW, LAUNCH = 1e12, 0.5, 1e11, 0.8, 1e-5
-LINK, ALPHA, EFF = 1e10, 1e-6, 0.5
+LINK, ALPHA, BASE, EFF = 1e10, 1e-6, 5e-6, 0.5
 
 
 def make_hw(kind: str = "nvswitch", num_devices: int = 8, **net) -> object:
@@ -24,7 +24,8 @@ def make_hw(kind: str = "nvswitch", num_devices: int = 8, **net) -> object:
         "device": {"name": "testgpu", "peak_flops": {"float16": PEAK, "bfloat16": PEAK, "float32": PEAK / 4},
                    "memory_bandwidth": MEM_BW, "flops_efficiency": F_FLOPS, "bandwidth_efficiency": F_BW,
                    "launch_overhead": LAUNCH},
-        "interconnect": {"kind": kind, "link_bandwidth": LINK, "latency": ALPHA, "nccl_efficiency": EFF, **net},
+        "interconnect": {"kind": kind, "link_bandwidth": LINK, "latency": ALPHA, "nccl_efficiency": EFF,
+                         "base_latency": BASE, "protocols": "simple", "overlap_slowdown": 0.0, **net},
     })
 
 
@@ -54,7 +55,7 @@ def make_trace(world: int, roles: list[tuple[list[int], list[dict]]], warmup: li
 
 
 def ring_all_gather(nbytes: float, g: int, bus: float = LINK * EFF) -> float:
-    return (g - 1) * ALPHA + (g - 1) / g * (nbytes * g) / bus
+    return BASE + (g - 1) * ALPHA + (g - 1) / g * (nbytes * g) / bus
 
 
 def close(a: float, b: float) -> bool:
@@ -85,9 +86,9 @@ def test_sync_all_gather_is_ring_alpha_beta(g):
 
 def test_all_reduce_and_broadcast_costs():
     nbytes, g = 4e8, 8
-    for kind, expect in [("all_reduce", 2 * (g - 1) * ALPHA + 2 * (g - 1) / g * nbytes / (LINK * EFF)),
-                         ("broadcast", (g - 1) * ALPHA + nbytes / (LINK * EFF)),
-                         ("barrier", 2 * (g - 1) * ALPHA)]:
+    for kind, expect in [("all_reduce", BASE + 2 * (g - 1) * ALPHA + 2 * (g - 1) / g * nbytes / (LINK * EFF)),
+                         ("broadcast", BASE + (g - 1) * ALPHA + nbytes / (LINK * EFF)),
+                         ("barrier", BASE + 2 * (g - 1) * ALPHA)]:
         trace = make_trace(g, [(list(range(g)), [issue(0, nbytes, g, is_async=False, kind=kind)])])
         assert close(simulate(trace, make_hw(), steps=1).latency_s, expect), kind
 
@@ -183,9 +184,9 @@ def _pcie_halves(both: bool) -> float:
 def test_two_cfg_halves_share_the_host_bridge():
     # ring 0->1->0 crosses the host bridge twice: alone it gets 1/2 of it, with the other half 1/4
     alone, shared = _pcie_halves(both=False), _pcie_halves(both=True)
-    assert close(alone, ALPHA + 1e8 / (1e10 * EFF / 2))
-    assert close(shared, ALPHA + 1e8 / (1e10 * EFF / 4))
-    assert close(shared - ALPHA, 2 * (alone - ALPHA))
+    assert close(alone, BASE + ALPHA + 1e8 / (1e10 * EFF / 2))
+    assert close(shared, BASE + ALPHA + 1e8 / (1e10 * EFF / 4))
+    assert close(shared - BASE - ALPHA, 2 * (alone - BASE - ALPHA))
 
 
 def test_bandwidth_is_redivided_when_a_transfer_joins_and_leaves():
@@ -197,7 +198,7 @@ def test_bandwidth_is_redivided_when_a_transfer_joins_and_leaves():
     trace = make_trace(4, [([0, 1], sync), ([2, 3], [compute(delay)] + sync)])
     result = simulate(trace, hw, steps=1, timeline=True)
     a_left = nbytes - rate * delay  # both halves then share: A finishes after 2*a_left/rate more
-    a_end = ALPHA + delay + 2 * a_left / rate
+    a_end = BASE + ALPHA + delay + 2 * a_left / rate
     b_end = a_end + (nbytes - a_left) / rate
     ends = {s.rank: s.end for s in result.spans if s.stream == "comm"}
     assert close(ends[0], a_end) and close(ends[1], a_end)
@@ -217,13 +218,101 @@ def test_topology_bottlenecks():
     full = pcie.ring(0, 8)
     assert close(full.bus_bandwidth, 5e9 * EFF)  # crosses sockets: the inter-socket link
     assert {"socket0->1", "socket1->0", "socket0.host_bridge"} <= {pcie.link_names[l] for l, _ in full.loads}
-    assert close(isolated_time("all_gather", 1e8, full), ring_all_gather(1e8, 8, bus=5e9 * EFF))
+    assert close(isolated_time(pcie.plan("all_gather", 1e8, 0, 8), full), ring_all_gather(1e8, 8, bus=5e9 * EFF))
     two_nodes = Topology(make_hw("multinode", num_devices=16, gpus_per_node=8, intra_kind="nvswitch",
                                  nic_bandwidth=4e9, nic_latency=1e-5), 16)
     ring = two_nodes.ring(0, 16)
     assert close(ring.bus_bandwidth, 4e9 * EFF)
-    assert close(15 * ring.alpha, 14 * ALPHA + 1e-5)  # one of the 15 steps crosses the network
+    plan = two_nodes.plan("all_gather", 0.0, 0, 16)
+    assert close(plan.latency, BASE + 14 * ALPHA + 1e-5)  # one of the 15 steps crosses the network
     assert close(two_nodes.ring(8, 8).bus_bandwidth, LINK * EFF)
+
+
+def test_base_latency_is_paid_once_per_call():
+    """Ten tiny synchronous all-gathers cost ten times (base + steps*alpha), not one base."""
+    calls, g, nbytes = 10, 4, 256.0
+    trace = make_trace(g, [(list(range(g)), [issue(i, nbytes, g, is_async=False) for i in range(calls)])])
+    result = simulate(trace, make_hw(num_devices=g), steps=1)
+    assert close(result.latency_s, calls * ring_all_gather(nbytes, g))
+    assert close(result.comm_s, calls * (BASE + (g - 1) * ALPHA + (g - 1) * nbytes / (LINK * EFF)))
+
+
+NCCL_NET = {"protocols": "nccl", "base_latency": 8.4e-6, "latency": 3.4e-6}  # NCCL's ring Simple on NVLink
+
+
+def test_nccl_protocol_per_call_small_low_latency_large_simple():
+    """NCCL's model: a 256 B all-gather runs LL (6.6 us + 0.6 us a step), 256 MB Simple, 20 kB LL128."""
+    topo = Topology(make_hw(**NCCL_NET), 8)
+    small, large = topo.plan("all_gather", 256.0, 0, 8), topo.plan("all_gather", 256e6, 0, 8)
+    assert (small.protocol, large.protocol) == ("LL", "Simple")
+    assert close(small.latency, 6.6e-6 + 7 * 0.6e-6) and close(small.load, 3 * 7 * 256.0)  # LL: 1/3 of the bus
+    assert close(large.latency, 8.4e-6 + 7 * 3.4e-6) and close(large.load, 7 * 256e6)
+    trace = make_trace(8, [(list(range(8)), [issue(0, 256.0, 8, is_async=False), issue(1, 256e6, 8, is_async=False)])])
+    expect = sum(p.latency + p.load / (LINK * EFF) for p in (small, large))
+    assert close(simulate(trace, make_hw(**NCCL_NET), steps=1).latency_s, expect)
+    # 20 kB: LL128 (14 us + 1.9 us a step, 92% of the bus) beats both on NVLink; NCCL enables it only there
+    assert topo.plan("all_gather", 2e4, 0, 8).protocol == "LL128"
+    pcie = Topology(make_hw("pcie", gpus_per_switch=8, switches_per_socket=1, host_bridge_bandwidth=1e10,
+                            cross_socket_bandwidth=1e10, **{**NCCL_NET, "latency": 5.7e-6}), 8)
+    assert pcie.plan("all_gather", 2e4, 0, 8).protocol == "Simple"
+
+
+def test_all_reduce_takes_the_tree_when_small_across_nodes_and_the_ring_when_large():
+    """4 nodes x 8: NCCL's tree crosses the network 2*log2(4) times, the ring 2*(4-1); inside one node ring wins."""
+    hw = make_hw("multinode", num_devices=32, gpus_per_node=8, intra_kind="nvswitch", nic_bandwidth=4e10,
+                 nic_latency=14e-6, **NCCL_NET)
+    topo = Topology(hw, 32)
+    small, large = topo.plan("all_reduce", 1024.0, 0, 32), topo.plan("all_reduce", 1e9, 0, 32)
+    assert small.algorithm == "tree" and large.algorithm == "ring"
+    assert close(small.latency, 6.8e-6 + 2 * (7 * 0.6e-6 + 2 * 5.0e-6))  # tree LL
+    ring = topo.ring(0, 32)
+    assert close(large.latency + large.load / ring.bus_bandwidth, 8.4e-6 + (62 * (28 * 3.4e-6 + 3 * 14e-6) / 31)
+                 + 2 * 31 / 32 * 1e9 / ring.bus_bandwidth)
+    assert Topology(make_hw(**NCCL_NET), 8).plan("all_reduce", 1024.0, 0, 8).algorithm == "ring"
+
+
+def test_pcie_ring_of_all_ranks_is_slower_per_byte_than_a_pair_on_one_switch():
+    """a100_pcie: a pair on one switch moves at its GPU links; all 8 GPUs send at once and the ring
+    crosses socket 0's host bridge three times (1->2, 3->4, 7->0), so it gets a third of it."""
+    hw = load_hardware("a100_pcie")
+    net, nbytes = hw.interconnect, 64e6
+    per_byte = {}
+    for g in (2, 8):
+        trace = make_trace(8, [(list(range(8)), [issue(0, nbytes, g, is_async=False)])])
+        topo = Topology(hw, 8)
+        plan = topo.plan("all_gather", nbytes, 0, g)
+        per_byte[g] = (simulate(trace, hw, steps=1).latency_s - plan.latency) / plan.sent
+    assert close(per_byte[2], 1 / (net.link_bandwidth * net.nccl_efficiency))
+    bridge = net.host_bridge_bandwidth * net.nccl_efficiency / 3
+    assert bridge < min(net.cross_socket_bandwidth, net.link_bandwidth) * net.nccl_efficiency
+    assert close(per_byte[8], 1 / bridge) and per_byte[8] > 1.5 * per_byte[2]
+
+
+SLOW = 0.2
+
+
+def test_overlap_slowdown_lengthens_an_overlapped_step_by_slowdown_times_comm():
+    """Compute c beside a gather of t: (1-s) speed for t, so the step ends at c + s*t; synchronous: t + c."""
+    nbytes, g, c, steps = 1e8, 8, 0.5, 3
+    t = ring_all_gather(nbytes, g)
+    assert c > t
+    hw = make_hw(overlap_slowdown=SLOW)
+    overlapped = simulate(make_trace(g, [(list(range(g)), [issue(0, nbytes, g), compute(c), wait(0)])]), hw, steps)
+    assert close(overlapped.latency_s, steps * (c + SLOW * t))
+    assert close(overlapped.compute_slowdown_s, steps * SLOW * t) and close(overlapped.compute_s, steps * c)
+    sync = simulate(make_trace(g, [(list(range(g)), [issue(0, nbytes, g, is_async=False), compute(c)])]), hw, steps)
+    assert close(sync.latency_s, steps * (t + c)) and sync.compute_slowdown_s == pytest.approx(0, abs=1e-12)
+
+
+def test_overlap_slowdown_starting_and_ending_mid_op():
+    """Rank 1 starts the gather d into rank 0's compute c; both lose s*t; the gather then ends mid-op."""
+    nbytes, c, d, e = 1e8, 0.6, 0.1, 0.4
+    t = ring_all_gather(nbytes, 2)
+    assert d + t < c and t < e
+    roles = [([0], [issue(0, nbytes, 2), compute(c), wait(0)]), ([1], [compute(d), issue(0, nbytes, 2), compute(e), wait(0)])]
+    result = simulate(make_trace(2, roles), make_hw(num_devices=2, overlap_slowdown=SLOW), steps=1, timeline=True)
+    ends = {s.rank: s.end for s in result.spans if s.stream == "compute"}
+    assert close(ends[0], c + SLOW * t) and close(ends[1], d + e + SLOW * t)
 
 
 def test_calibration_profile_overrides_roofline(tmp_path):
