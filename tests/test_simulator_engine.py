@@ -355,7 +355,7 @@ def test_mismatched_ranks_deadlock_or_disagree():
 
 def test_presets_load_and_bad_presets_are_explained(tmp_path):
     names = available_hardware()
-    assert {"a100_sxm_nvlink", "h100_pcie", "rtx4090_pcie", "h100_2node"} <= set(names)
+    assert {"a100_sxm_nvlink", "h100_pcie", "rtx4090_pcie", "h100_2node", "h200_sxm_nvlink", "a100_2node"} <= set(names)
     for name in names:
         assert load_hardware(name).name == name
     with pytest.raises(ValueError, match="available: .*h100_pcie"):
