@@ -1,0 +1,110 @@
+"""Predicted peak device memory per rank of one generation, from the real code run on meta.
+
+What a rank holds, measured as live tensor bytes (`simulator.live_memory`) while the code runs:
+
+- weights: the UNet, the text encoders and the VAE in the run's dtype (every rank of the app
+  loads the whole pipeline and keeps it);
+- the denoising steps: the UNet's inputs and activations, recorded like the trace
+  (`simulator.unet_run.EmulatedUNet`, rank `role_rank`, steps: synchronous, first displaced,
+  steady), which include DistriFusion's stale buffers (`PatchContext.allocate`: one per
+  exchange, kept for the whole generation, and not shrinking with N);
+- CUDA graphs: a replayed step's activations live in the graph's private pool, which only
+  that graph may use while it exists (the pipeline keeps it), so the pool, as large as the
+  steady step's own peak, stays reserved during the VAE decode;
+- the VAE decode (rank 0 alone): the VAE in its decode dtype (SDXL's float16 VAE is cast to
+  float32) and the decode's activations (`simulator.generation`).
+
+- cuBLAS workspaces: PyTorch keeps one per (handle, stream) from the caching allocator
+  (aten/src/ATen/cuda/CublasHandlePool.cpp), 32 MiB on Hopper (cuBLAS's recommended size,
+  pytorch#120925; 4 MiB on older GPUs, so this is an upper bound there), on the eager stream
+  and on the graph-capture stream.
+
+`peak_bytes` is the most a rank needs at once (the decoding rank 0 has the most): what must
+fit in the device. `peak_allocated_bytes` leaves out the graph pool's reserved space and
+stands for `torch.cuda.max_memory_allocated()`. Not modelled: cuDNN's convolution workspaces
+(per call, chosen by its heuristics), the CUDA context, NCCL's buffers, allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .generation import cached, load_or_record_stages, versioned_path
+from .workload import trace_args
+
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # per stream, Hopper (module doc)
+
+
+def load_or_record_unet_memory(args: dict[str, Any], cache_dir: str | Path | None = None) -> dict:
+    """The UNet's memory of normalised trace `args` (`workload.trace_args`), cached."""
+    return cached(versioned_path("memory", args, cache_dir), lambda: record_unet_memory(args))
+
+
+def record_unet_memory(args: dict[str, Any]) -> dict[str, int]:
+    """Bytes of one rank's denoising steps: weights, inputs, stale buffers, the most held
+    during any step above weights and inputs (`steps_peak_bytes`), and the steady step's own
+    peak above what it started with (`steady_transient_bytes`: a graph pool's size)."""
+    import torch
+
+    from .live_memory import LiveMemory, allocation_bytes, storage_bytes
+    from .meta_memo import MetaMemo
+    from .op_counter import OpCounter
+    from .unet_run import EmulatedUNet
+
+    counter = OpCounter()  # stands fused attention in for the meta kernel's scores matrix
+    run = EmulatedUNet(args["model"], args["resolution"], args["world_size"], args["mode"], counter,
+                       device="meta", dtype=getattr(torch, args["dtype"]), cfg=args["cfg"], warmup_steps=1,
+                       groupnorm=args["groupnorm"], split_cfg=args["split_cfg"])
+    inputs = [t for t in (*run.inputs.values(), *run.inputs.get("added_cond_kwargs", {}).values())
+              if isinstance(t, torch.Tensor)]
+    steps_peak = steady = 0
+    with torch.no_grad(), MetaMemo(), counter, LiveMemory() as memory:
+        for _ in range(3):
+            start = memory.live
+            memory.reset_peak()
+            run.step()
+            steps_peak = max(steps_peak, memory.peak)
+            steady = memory.peak - start
+        run.finish()
+    ctx = run.context
+    buffers = [ex.buffer for ex in ctx.exchanges if ex.buffer is not None] if ctx is not None else []
+    return {"unet_weights_bytes": storage_bytes((*run.unet.parameters(), *run.unet.buffers())),
+            "inputs_bytes": storage_bytes(inputs),
+            "stale_buffer_bytes": sum(allocation_bytes(b.numel() * b.element_size()) for b in buffers),
+            "steps_peak_bytes": steps_peak, "steady_transient_bytes": steady}
+
+
+def peak_memory(model: str, resolution: int, world_size: int, mode: str, split_cfg: bool = True, cfg: bool = True,
+                dtype: str = "float16", warmup_steps: int = 4, groupnorm: str = "corrected",
+                cache_dir: str | Path | None = None, cuda_graph: bool = True) -> dict[str, Any]:
+    """Peak memory per rank of one generation (bytes; module doc), cached (no torch on a hit).
+
+    Keys: `weights_bytes` (every model; `unet_weights_bytes` the UNet's), `stale_buffer_bytes`,
+    `unet_peak_bytes` (the denoising steps' peak above weights and stale buffers),
+    `graph_pool_bytes`, `workspace_bytes` (cuBLAS), `vae_decode_weights_bytes`,
+    `vae_decode_peak_bytes` (above weights), `phases` (rank 0's total in each), `peak_phase`,
+    `peak_bytes`, `peak_allocated_bytes` (module doc) and `rank` (the one with the most: 0).
+    """
+    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
+    unet = load_or_record_unet_memory(args, cache_dir)
+    stages = load_or_record_stages(model, resolution, dtype, cfg, cache_dir)["memory"]
+    weights = unet["unet_weights_bytes"] + stages["text_encoders_weights_bytes"] + stages["vae_weights_bytes"]
+    decode_weights = weights - stages["vae_weights_bytes"] + stages["vae_decode_weights_bytes"]
+    workspace = CUBLAS_WORKSPACE_BYTES * (2 if cuda_graph else 1)
+    stale = unet["stale_buffer_bytes"]
+    pool = unet["steady_transient_bytes"] if cuda_graph else 0
+    phases = {
+        "text_encoders": weights + CUBLAS_WORKSPACE_BYTES + stages["text_encoders_peak_bytes"],
+        "denoise": weights + workspace + unet["inputs_bytes"] + unet["steps_peak_bytes"],
+        "vae_decode": (decode_weights + workspace + unet["inputs_bytes"] + stale + pool
+                       + stages["vae_decode_peak_bytes"]),
+    }
+    peak_phase = max(phases, key=phases.__getitem__)
+    return {"weights_bytes": weights, "unet_weights_bytes": unet["unet_weights_bytes"], "stale_buffer_bytes": stale,
+            "unet_peak_bytes": unet["inputs_bytes"] + unet["steps_peak_bytes"] - stale, "graph_pool_bytes": pool,
+            "workspace_bytes": workspace, "vae_decode_weights_bytes": stages["vae_decode_weights_bytes"],
+            "vae_decode_peak_bytes": stages["vae_decode_peak_bytes"], "phases": phases, "peak_phase": peak_phase,
+            "peak_bytes": phases[peak_phase],
+            "peak_allocated_bytes": max(phases["text_encoders"], phases["denoise"], phases["vae_decode"] - pool),
+            "rank": 0}
