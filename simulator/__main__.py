@@ -1,17 +1,23 @@
-"""`python -m simulator [key=value ...]`: predict DistriFusion's latency and speedup.
+"""`python -m simulator [advise] [key=value ...]`: predict DistriFusion's latency and speedup.
 
     python -m simulator model=sdxl resolution=3840 world_size=8 hardware=a100_sxm_nvlink \\
         parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16]
     python -m simulator -m world_size=1,2,4,8 resolution=1024,2048 hardware=a100_sxm_nvlink,a100_pcie
+    python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8
 
-Prints a short table and, as its last line, one JSON object (see `Prediction.summary`).
-Options are in `simulator/config.py`; traces are recorded once and cached.
+The first prints a short table and, as its last line, one JSON object (`Prediction.summary`:
+latency_s, speedup, rank_compute_ms_per_step, step_ms, comm_hidden_fraction,
+peak_memory_gib_per_rank, the latency's parts, ...). The multirun writes a CSV row per run and
+plots it when it ends. `advise` (`simulator/advise.py`) ranks every device count, split CFG
+choice, mode and warm-up, and ends with one JSON line too. Options are in
+`simulator/config.py`; traces are recorded once and cached.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import sweep_csv
 from .compute_model import CalibrationProfile
-from .config import model_dtype, parallel_options, register
-from .hardware import hardware_from_dict
+from .config import Task, model_dtype, parallel_options, register
+from .hardware import Hardware, hardware_from_dict
 from .predict import Prediction, predict
 
 log = logging.getLogger("simulator")
@@ -30,14 +36,21 @@ register()
 
 
 def table(p: Prediction) -> str:
-    """The parallel run and the single-device baseline side by side."""
-    s = p.setup
+    """The parallel run and the single-device baseline side by side, then the latency's parts."""
+    s, summary = p.setup, p.summary()
     lines = [f"{s['model']} {s['resolution']}px, {s['steps']} steps, {s['dtype']} on {s['hardware']}",
-             f"{'':<22}{'latency':>10}{'compute':>10}{'comm':>10}{'exposed':>10}{'sent/device':>14}"]
-    for name, r in ((f"{s['world_size']} x {s['parallel']}", p.result), ("1 device", p.baseline)):
-        lines.append(f"{name:<22}{r.latency_s:>9.3f}s{r.compute_s:>9.3f}s{r.comm_s:>9.3f}s"
+             f"{'':<22}{'latency':>10}{'UNet':>10}{'compute':>10}{'comm':>10}{'exposed':>10}{'sent/device':>14}"]
+    for name, r, total in ((f"{s['world_size']} x {s['parallel']}", p.result, p.latency_s),
+                           ("1 device", p.baseline, p.baseline_latency_s)):
+        lines.append(f"{name:<22}{total:>9.3f}s{r.latency_s:>9.3f}s{r.compute_s:>9.3f}s{r.comm_s:>9.3f}s"
                      f"{r.comm_exposed_s:>9.3f}s{r.comm_bytes_per_device / 2**20:>10.1f} MiB")
-    lines.append(f"speedup {p.speedup:.2f}x")
+    step = "-" if summary["step_ms"] is None else f"{summary['step_ms']:.1f} ms"
+    lines.append(f"speedup {p.speedup:.2f}x (UNet loop {summary['unet_speedup']:.2f}x); text encoders "
+                 f"{summary['text_encoders_s']:.3f}s, scheduler {summary['scheduler_s']:.3f}s, "
+                 f"VAE decode {summary['vae_decode_s']:.3f}s")
+    lines.append(f"steady step {step} ({summary['rank_compute_ms_per_step']:.1f} ms of compute per rank, "
+                 f"{summary['comm_hidden_fraction']:.0%} of comm hidden); peak memory "
+                 f"{summary['peak_memory_gib_per_rank']:.2f} GiB per rank ({summary['peak_memory_phase']})")
     return "\n".join(lines)
 
 
@@ -50,9 +63,7 @@ def default_resolution(model: str) -> int:
 
 def run(cfg: DictConfig) -> Prediction:
     """Predict the configured run; write its CSV row and timeline where asked."""
-    hardware = hardware_from_dict(OmegaConf.to_container(cfg.hardware, resolve=True))
-    profile = CalibrationProfile.load(cfg.calibration) if cfg.calibration else None
-    resolution = cfg.resolution or default_resolution(cfg.model.name)
+    hardware, profile, resolution = setting(cfg)
     options = parallel_options(cfg.parallel)
     mode = options.pop("mode")
     prediction = predict(cfg.model.name, resolution, cfg.world_size, mode, hardware, cfg.steps, cfg=cfg.cfg,
@@ -67,6 +78,24 @@ def run(cfg: DictConfig) -> Prediction:
     if cfg.timeline:
         write_timeline(prediction, cfg, hardware, profile, Path(hydra_cfg.runtime.output_dir))
     return prediction
+
+
+def setting(cfg: DictConfig) -> tuple[Hardware, CalibrationProfile | None, int]:
+    """The hardware preset, calibration profile and resolution the config names."""
+    hardware = hardware_from_dict(OmegaConf.to_container(cfg.hardware, resolve=True))
+    profile = CalibrationProfile.load(cfg.calibration) if cfg.calibration else None
+    return hardware, profile, cfg.resolution or default_resolution(cfg.model.name)
+
+
+def run_advise(cfg: DictConfig) -> dict:
+    """`task=advise`: rank the configurations up to `max_devices` (see `simulator.advise`)."""
+    from .advise import advise
+
+    hardware, profile, resolution = setting(cfg)
+    groupnorm = parallel_options(cfg.parallel)["groupnorm"]
+    return advise(cfg.model.name, resolution, hardware, cfg.max_devices or hardware.num_devices, cfg.steps,
+                  cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=groupnorm, profile=profile,
+                  cache_dir=cfg.trace_cache)
 
 
 def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, out_dir: Path) -> Path:
@@ -86,10 +115,25 @@ def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, o
 @hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point: print the table, then the JSON summary as the last line."""
+    if cfg.task == Task.advise:
+        from .advise import render
+
+        advice = run_advise(cfg)
+        print(render(advice, cfg.top))
+        print(json.dumps(advice))
+        return
     prediction = run(cfg)
     print(table(prediction))
     print(json.dumps(prediction.summary()))
 
 
+def subcommand(argv: list[str]) -> list[str]:
+    """`advise ...` (or `predict ...`) as the first argument becomes the override `task=advise`."""
+    if len(argv) > 1 and argv[1] in {t.value for t in Task}:
+        return [argv[0], f"task={argv[1]}", *argv[2:]]
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv = subcommand(sys.argv)
     main()

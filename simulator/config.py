@@ -25,6 +25,13 @@ class Parallel(str, Enum):
     displaced = "displaced"
 
 
+class Task(str, Enum):
+    """What `python -m simulator` does: predict one configuration, or advise on the fastest."""
+
+    predict = "predict"
+    advise = "advise"
+
+
 class GroupNorm(str, Enum):
     separate = "separate"
     stale = "stale"
@@ -52,7 +59,12 @@ class SimulateConfig:
     trace_cache: directory of cached traces (null: ~/.cache/distrifusion/traces).
     timeline: write a Chrome trace of the first `timeline_steps` steps (0: all) to the run dir.
     out_csv: append the result row to this CSV; null: in a multirun, `<sweep dir>/results.csv`
-        (a PNG of speedup vs devices is drawn from it when the sweep ends), else nowhere.
+        (a PNG of speedup, latency and exposed communication vs devices is drawn from it when
+        the sweep ends), else nowhere.
+    task: `predict` this configuration, or `advise` (`simulator/advise.py`): try every device
+        count up to `max_devices` (null: the preset's), split CFG on and off, the modes and
+        warm-up counts, and print the `top` fastest; `world_size` and `parallel.mode` are then
+        ignored. `python -m simulator advise ...` is short for `task=advise`.
     """
 
     model: Any = MISSING
@@ -67,6 +79,9 @@ class SimulateConfig:
     timeline: bool = False
     timeline_steps: int = 6
     out_csv: Optional[str] = None
+    task: Task = Task.predict
+    max_devices: Optional[int] = None
+    top: int = 10
 
 
 def _choice(enum: type[Enum], where: str, value: Any) -> str:

@@ -1,0 +1,188 @@
+"""Which setup is fastest on this hardware: `python -m simulator advise ...`.
+
+    python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8 [steps=50] [top=10]
+
+(`advise` is short for `task=advise`; `max_devices` defaults to the preset's device count.)
+Predicts the whole generation for every device count up to `max_devices` whose row patches
+the model's latent height allows, split CFG on and off, modes displaced (warm-up 1, 2 and 4
+synchronous steps) and sync_patch, plus the one-device baseline; prints the `top` fastest with
+their speedup, exposed communication and peak memory per rank (and whether it fits the
+device, where the preset gives its memory), then says where adding devices stops paying: the
+next doubling gains less than `GAIN_WORTH_IT`, or the peak memory per rank hardly shrinks
+(the stale K/V buffers of the whole image do not shrink with N). naive_patch is listed apart as
+a lower bound only: it drops the halo and the other patches' K/V, and its images are not
+acceptable. The last line is one JSON object (`advise`'s result).
+
+Each trace is recorded once: the warm-up count only changes `meta.warmup_steps`
+(`predict.with_warmup`), so a configuration's three warm-ups replay the same trace.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .compute_model import CalibrationProfile
+from .hardware import Hardware
+from .predict import Prediction, predict
+
+MODES = ("displaced", "sync_patch")
+LOWER_BOUND_MODE = "naive_patch"  # quality not acceptable: a lower bound on latency only
+WARMUPS = (1, 2, 4)
+GAIN_WORTH_IT = 0.10  # a doubling of the devices that gains less does not pay
+MEMORY_SHRINKS = 0.90  # a doubling that leaves more of the peak memory per rank does not shrink it
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration tried; `warmup_steps` is None where the mode has no warm-up to choose."""
+
+    devices: int
+    split_cfg: bool
+    mode: str
+    warmup_steps: int | None
+
+
+def device_counts(model: str, resolution: int, max_devices: int, split_cfg: bool, cfg: bool = True) -> list[int]:
+    """Device counts >= 2 up to `max_devices` whose row patches the model's latent height allows.
+
+    With split CFG (and CFG on) a count must be even and each guidance branch's image is cut
+    into half as many patches.
+    """
+    from distrifusion.model_configs import get_spec
+    from distrifusion.patch_unet import check_height
+
+    spec = get_spec(model)
+    levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
+    split = split_cfg and cfg
+    counts = []
+    for n in range(2, max_devices + 1):
+        if split and n % 2:
+            continue
+        try:
+            check_height(resolution // spec.vae_scale_factor, n // 2 if split else n, levels)
+        except ValueError:
+            continue
+        counts.append(n)
+    return counts
+
+
+def setups(model: str, resolution: int, max_devices: int, cfg: bool = True) -> list[Setup]:
+    """The one-device baseline and every configuration `advise` tries, naive_patch included."""
+    out = [Setup(1, False, "none", None)]
+    for split_cfg in ((True, False) if cfg else (False,)):
+        for n in device_counts(model, resolution, max_devices, split_cfg, cfg):
+            out += [Setup(n, split_cfg, "displaced", w) for w in WARMUPS]
+            out += [Setup(n, split_cfg, mode, None) for mode in ("sync_patch", LOWER_BOUND_MODE)]
+    return out
+
+
+def option(setup: Setup, p: Prediction) -> dict[str, Any]:
+    """One configuration's figures, as the JSON and the table give them."""
+    s = p.summary()
+    return {"devices": setup.devices, "split_cfg": setup.split_cfg, "mode": setup.mode,
+            "warmup_steps": setup.warmup_steps, "latency_s": s["latency_s"], "speedup": s["speedup"],
+            "step_ms": s["step_ms"], "comm_s": s["comm_s"], "comm_exposed_s": s["comm_exposed_s"],
+            "comm_hidden_fraction": s["comm_hidden_fraction"],
+            "peak_memory_gib_per_rank": s["peak_memory_gib_per_rank"], "peak_memory_phase": s["peak_memory_phase"],
+            "stale_buffer_gib_per_rank": s["stale_buffer_gib_per_rank"], "fits_in_memory": s["fits_in_memory"],
+            "lower_bound": setup.mode == LOWER_BOUND_MODE}
+
+
+def verdict(options: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """The device count beyond which adding devices stops paying, and why, in sentences.
+
+    Compares the fastest acceptable configuration (fitting the memory where that is known) of
+    each count with that of twice as many devices.
+    """
+    best: dict[int, dict[str, Any]] = {}
+    for o in options:
+        if not o["lower_bound"] and o["fits_in_memory"] is not False:
+            if o["devices"] not in best or o["latency_s"] < best[o["devices"]]["latency_s"]:
+                best[o["devices"]] = o
+    notes: list[str] = []
+    if not best:
+        return 0, ["no configuration fits the device's memory"]
+    stop = None
+    for n in sorted(best):
+        if 2 * n not in best:
+            continue
+        a, b = best[n], best[2 * n]
+        gain = a["latency_s"] / b["latency_s"] - 1
+        mem_a, mem_b = a["peak_memory_gib_per_rank"], b["peak_memory_gib_per_rank"]
+        if mem_b > MEMORY_SHRINKS * mem_a:
+            notes.append(f"{n} -> {2 * n} devices: peak memory per rank {mem_a:.1f} -> {mem_b:.1f} GiB "
+                         f"(at the {b['peak_memory_phase']}), hardly smaller: every rank keeps the weights and "
+                         f"{b['stale_buffer_gib_per_rank']:.1f} GiB of stale activations (the whole image's K/V), "
+                         f"which do not shrink with N")
+        if gain < GAIN_WORTH_IT and stop is None:
+            stop = n
+            notes.append(f"{n} -> {2 * n} devices gains {gain:.0%} (< {GAIN_WORTH_IT:.0%}): "
+                         f"adding devices stops paying at {n}")
+    if stop is None:
+        stop = max(best)
+        notes.append(f"every doubling up to {stop} devices gains at least {GAIN_WORTH_IT:.0%}")
+    return stop, notes
+
+
+def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,
+           dtype: str = "float16", groupnorm: str = "corrected", profile: CalibrationProfile | None = None,
+           cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Predict every setup of `setups` and rank them; the JSON `python -m simulator advise` prints.
+
+    `configurations` holds the acceptable ones sorted by latency, `lower_bound` the naive_patch
+    ones; `stops_paying_at` is `verdict`'s device count and `notes` its reasons.
+    """
+    if max_devices > hardware.num_devices:
+        raise ValueError(f"max_devices={max_devices} but {hardware.name} has {hardware.num_devices} devices")
+    todo = setups(model, resolution, max_devices, cfg)
+    options = []
+    for setup in _progress(todo, progress, f"{model} {resolution}px on {hardware.name}"):
+        p = predict(model, resolution, setup.devices, setup.mode, hardware, steps,
+                    warmup_steps=setup.warmup_steps or 1, groupnorm=groupnorm, split_cfg=setup.split_cfg, cfg=cfg,
+                    dtype=dtype, profile=profile, cache_dir=cache_dir)
+        options.append(option(setup, p))
+    options.sort(key=lambda o: (o["latency_s"], o["devices"]))  # a tie goes to fewer devices
+    stop, notes = verdict(options)
+    return {"model": model, "resolution": resolution, "hardware": hardware.name, "max_devices": max_devices,
+            "steps": steps, "dtype": dtype, "cfg": cfg,
+            "configurations": [o for o in options if not o["lower_bound"]],
+            "lower_bound": [o for o in options if o["lower_bound"]],
+            "stops_paying_at": stop, "notes": notes}
+
+
+def _progress(items: list, show: bool, desc: str) -> Iterable:
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="config", file=sys.stderr, leave=False)
+
+
+def _row(o: dict[str, Any]) -> str:
+    warm = "-" if o["warmup_steps"] is None else str(o["warmup_steps"])
+    fits = {None: "", True: "yes", False: "NO"}[o["fits_in_memory"]]
+    return (f"{o['devices']:>7} {'yes' if o['split_cfg'] else 'no':>9} {o['mode']:<11} {warm:>7} "
+            f"{o['latency_s']:>10.3f}s {o['speedup']:>7.2f}x {o['comm_exposed_s']:>10.3f}s "
+            f"{o['peak_memory_gib_per_rank']:>9.1f} GiB {fits:>4}")
+
+
+def render(advice: dict[str, Any], top: int = 10) -> str:
+    """The table `python -m simulator advise` prints: the `top` fastest, the lower bound, the verdict."""
+    head = (f"{'devices':>7} {'split CFG':>9} {'mode':<11} {'warm-up':>7} {'latency':>11} {'speedup':>8} "
+            f"{'exposed':>11} {'peak/rank':>13} {'fits':>4}")
+    a = advice
+    lines = [f"{a['model']} {a['resolution']}px, {a['steps']} steps, {a['dtype']} on {a['hardware']} "
+             f"(up to {a['max_devices']} devices): the {min(top, len(a['configurations']))} fastest "
+             f"of {len(a['configurations'])}", head]
+    lines += [_row(o) for o in a["configurations"][:top]]
+    if a["lower_bound"]:
+        lines.append("lower bound only (naive_patch: no halo, no stale K/V; its images are not acceptable):")
+        best = {}
+        for o in a["lower_bound"]:
+            best.setdefault(o["devices"], o)
+        lines += [_row(o) for _, o in sorted(best.items())]
+    lines += ["verdict:"] + [f"  {n}" for n in a["notes"]]
+    return "\n".join(lines)
