@@ -100,18 +100,20 @@ class ComputeModel:
                                       device, dtype)
         self.kind_ratio = {k: m / r for k, (m, r) in totals.items() if r > 0}
 
-    def op_seconds(self, op: dict[str, Any]) -> float:
-        """Seconds of one trace op (all `count` launches)."""
+    def op_seconds(self, op: dict[str, Any], eager: bool = False) -> float:
+        """Seconds of one trace op (all `count` launches); `eager`: not graph-replayed."""
         entry = self.measured.get((op["kind"], op.get("key", "")))
         if entry is not None:
             return entry.seconds * int(op.get("count", 1))
-        return kernel_seconds(op, self.device, self.dtype) * self.kind_ratio.get(op["kind"], 1.0)
+        return kernel_seconds(op, self.device, self.dtype, eager) * self.kind_ratio.get(op["kind"], 1.0)
 
-    def event_seconds(self, event: dict[str, Any]) -> float:
-        """Seconds of a compute event: its ops summed, or (no ops) its FLOP and byte totals as
-        one shapeless launch without launch overhead."""
+    def event_seconds(self, event: dict[str, Any], eager: bool | None = None) -> float:
+        """Seconds of a compute event: its ops summed (eager if `eager`, or, when None, if the
+        event says `"eager": true`), or (no ops) its FLOP and byte totals as one shapeless
+        launch without launch overhead."""
         ops = event.get("ops")
         if ops:
-            return sum(self.op_seconds(op) for op in ops)
+            eager = bool(event.get("eager", False)) if eager is None else eager
+            return sum(self.op_seconds(op, eager) for op in ops)
         total = {"kind": "event", "flops": event.get("flops", 0), "bytes": event.get("bytes", 0)}
         return kernel_seconds(total, self.device, self.dtype) - self.device.launch_overhead

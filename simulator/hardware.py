@@ -14,6 +14,7 @@ import yaml
 
 HARDWARE_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
 DTYPES = ("float16", "bfloat16", "float32")
+TF32 = "tfloat32"  # optional peak: cuDNN runs float32 convolutions in TF32 by default
 KINDS = ("nvswitch", "pcie", "multinode")
 INTRA_KINDS = ("nvswitch",)
 
@@ -24,7 +25,7 @@ class Device:
     least, how many CTAs run at once (`simulator.kernel_model` uses them all)."""
 
     name: str
-    peak_flops: dict[str, float]  # dense FLOP/s per dtype
+    peak_flops: dict[str, float]  # dense FLOP/s per dtype (and "tfloat32": float32 convolutions)
     memory_bandwidth: float  # bytes/s
     flops_efficiency: float  # achieved / peak FLOP/s of a full wave of GEMM tiles
     bandwidth_efficiency: float  # achieved / peak memory bandwidth
@@ -32,6 +33,7 @@ class Device:
     sm_count: int = 1  # CTAs of one wave (1: no wave quantization, a plain roofline)
     attention_efficiency: float | None = None  # achieved / peak of a full wave of attention (None: flops_efficiency)
     memory_gib: float | None = None  # device memory (None: unknown, nothing is checked against it)
+    eager_op_overhead: float = 0.0  # host seconds per op when not graph-replayed (0: never host-bound)
 
     @property
     def attention_rate_efficiency(self) -> float:
@@ -96,7 +98,7 @@ _RULES = {
     "name": "str", "kind": "str", "intra_kind": "str", "protocols": "str",
     "num_devices": "int", "sm_count": "int", "gpus_per_switch": "int", "switches_per_socket": "int", "gpus_per_node": "int",
     "flops_efficiency": "fraction", "attention_efficiency": "fraction", "bandwidth_efficiency": "fraction", "nccl_efficiency": "fraction",
-    "latency": "nonneg", "nic_latency": "nonneg", "launch_overhead": "nonneg", "base_latency": "nonneg",
+    "latency": "nonneg", "nic_latency": "nonneg", "launch_overhead": "nonneg", "eager_op_overhead": "nonneg", "base_latency": "nonneg",
     "overlap_slowdown": "nonneg",
 }  # every other key: a number > 0
 
@@ -125,12 +127,12 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 def hardware_from_dict(data: Any) -> Hardware:
     """Build a `Hardware` from a parsed YAML mapping, raising `ValueError` on bad keys or values."""
     top = _section(data, "hardware", ("name", "num_devices", "device", "interconnect"), ("description",))
-    optional = ("sm_count", "attention_efficiency", "memory_gib")
+    optional = ("sm_count", "attention_efficiency", "memory_gib", "eager_op_overhead")
     dev = _section(top["device"], "device", tuple(f.name for f in fields(Device) if f.name not in optional), optional)
-    peaks = _section(dev["peak_flops"], "device.peak_flops", DTYPES, ())
+    peaks = _section(dev["peak_flops"], "device.peak_flops", DTYPES, (TF32,))
     device = Device(
         name=_value("device.name", dev["name"]),
-        peak_flops={d: _value(f"device.peak_flops.{d}", peaks[d]) for d in DTYPES},
+        peak_flops={d: _value(f"device.peak_flops.{d}", v) for d, v in peaks.items()},
         **{k: _value(f"device.{k}", v) for k, v in dev.items() if k not in ("name", "peak_flops")},
     )
     net = top["interconnect"]

@@ -1,6 +1,7 @@
 """How long one kernel launch of a trace op takes on a modelled GPU.
 
-    seconds = launch_overhead + max(compute, memory)
+    seconds = launch_overhead + max(compute, memory)      (CUDA-graph replay)
+    seconds = max(eager_op_overhead, the above)            (eager: the host may be slower)
 
 - `launch_overhead`: what every kernel costs under CUDA-graph replay however small it is (the
   gap between kernels plus a minimal kernel's ramp up and drain). A displaced step adds about
@@ -15,7 +16,11 @@
 - `memory`: bytes read and written at `memory_bandwidth * bandwidth_efficiency`; every other op
   (elementwise, normalisation, copies, concatenation) is bound by it.
 
-The constants and efficiencies and the evidence behind them are in docs/hardware.md.
+- `eager_op_overhead`: outside graph replay (warm-up steps, the text encoders, the VAE decode)
+  the host issues every op through Python and the dispatcher; a small op then waits on it.
+
+Every op runs in its own dtype (its key's prefix): the VAE decodes in float32 even in a float16
+pipeline. The constants and efficiencies and the evidence behind them are in docs/hardware.md.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .hardware import Device
+from .hardware import TF32, Device
 
 GEMM_KINDS = ("mm", "addmm", "bmm", "baddbmm", "convolution")
 ATTENTION = "sdpa"
 GEMM_TILE = (64, 128)  # output rows x columns of one CTA
 ATTENTION_BLOCK = 128  # queries of one head per CTA
+_KEY_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # `op_counter.op_key` prefixes
 
 
 def _shapes(key: str) -> list[tuple[int, ...]]:
@@ -76,19 +82,41 @@ def wave_utilization(ctas: int | None, sm_count: int) -> float:
     return ctas / (waves * sm_count)
 
 
-def kernel_seconds(op: dict[str, Any], device: Device, dtype: str) -> float:
-    """Seconds of all `op["count"]` launches of a trace op (module docstring)."""
+def op_dtype(key: str, default: str) -> str:
+    """The dtype an op runs in, from its key's prefix (`f16|...`), else `default`."""
+    return _KEY_DTYPES.get(key.split("|", 1)[0], default)
+
+
+def peak(device: Device, kind: str, dtype: str) -> float:
+    """Dense peak FLOP/s of `kind` in `dtype`. Where the device has a TF32 peak, float32
+    convolutions run in TF32 (cuDNN's default, `torch.backends.cudnn.allow_tf32`) and float32
+    attention (the memory-efficient kernel) on tensor cores as 3xTF32, a third of that rate;
+    float32 matrix products stay on the FP32 units (`torch.backends.cuda.matmul.allow_tf32`
+    is off by default)."""
+    if dtype == "float32" and TF32 in device.peak_flops:
+        if kind == "convolution":
+            return device.peak_flops[TF32]
+        if kind == ATTENTION:
+            return device.peak_flops[TF32] / 3
+    return device.peak_flops[dtype]
+
+
+def kernel_seconds(op: dict[str, Any], device: Device, dtype: str, eager: bool = False) -> float:
+    """Seconds of all `op["count"]` launches of a trace op (module docstring); `dtype` where
+    the op's key does not name one. `eager`: not graph-replayed, so a launch takes at least the
+    host's `eager_op_overhead`."""
     count = int(op.get("count", 1))
     if count <= 0:
         return 0.0
     kind, key = op["kind"], op.get("key", "")
     flops, nbytes = float(op["flops"]) / count, float(op["bytes"]) / count
-    peak = device.peak_flops[dtype]
+    top = peak(device, kind, op_dtype(key, dtype))
     if kind in GEMM_KINDS:
-        rate = peak * device.flops_efficiency * wave_utilization(gemm_tiles(kind, key, flops), device.sm_count)
+        rate = top * device.flops_efficiency * wave_utilization(gemm_tiles(kind, key, flops), device.sm_count)
     elif kind == ATTENTION:
-        rate = peak * device.attention_rate_efficiency * wave_utilization(attention_blocks(key), device.sm_count)
+        rate = top * device.attention_rate_efficiency * wave_utilization(attention_blocks(key), device.sm_count)
     else:
-        rate = peak * device.flops_efficiency
+        rate = top * device.flops_efficiency
     memory = nbytes / (device.memory_bandwidth * device.bandwidth_efficiency)
-    return count * (device.launch_overhead + max(flops / rate, memory))
+    launch = device.launch_overhead + max(flops / rate, memory)
+    return count * (max(launch, device.eager_op_overhead) if eager else launch)
