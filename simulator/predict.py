@@ -168,18 +168,13 @@ class Prediction:
             s["model"], s["resolution"], s["world_size"], s["parallel"], s["split_cfg"], s["cfg"], s["dtype"],
             RECORDED_WARMUP, s["groupnorm"], self.cache_dir))
 
-    @property
-    def device_memory_bytes(self) -> float | None:
-        """The device's memory, where the hardware preset gives it."""
-        return getattr(self.hardware.device, "memory_bytes", None)
-
     def summary(self) -> dict[str, Any]:
         """The figures `python -m simulator` prints as its JSON line (times in s unless named ms)."""
         r, st = self.result, self.stages
         step = steady_step_seconds(r)
         memory = self.memory
         peak = memory["peak_bytes"]
-        capacity = self.device_memory_bytes
+        capacity = self.hardware.device.memory_gib
         return {
             **self.setup,
             "latency_s": self.latency_s, "single_device_latency_s": self.baseline_latency_s, "speedup": self.speedup,
@@ -193,8 +188,8 @@ class Prediction:
             "comm_hidden_fraction": self.comm_hidden_fraction, "comm_bytes_per_device": r.comm_bytes_per_device,
             "peak_memory_gib_per_rank": peak / GIB, "peak_memory_phase": memory["peak_phase"],
             "stale_buffer_gib_per_rank": memory["stale_buffer_bytes"] / GIB,
-            "device_memory_gib": None if capacity is None else capacity / GIB,
-            "fits_in_memory": None if capacity is None else peak <= capacity,
+            "device_memory_gib": capacity,
+            "fits_in_memory": None if capacity is None else peak <= capacity * GIB,
         }
 
     def row(self) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def test_json_line_has_the_parts_of_the_latency_and_consistent_ratios(cache, tmp
     assert 0 < s["rank_compute_ms_per_step"] <= s["step_ms"] * (1 + 1e-9)
     assert s["step_ms"] * 1e-3 * (8 - 2) < s["unet_s"]
     assert s["peak_memory_gib_per_rank"] > 0 and s["warmup_steps"] == 2 and s["split_cfg"] is False
+    assert s["fits_in_memory"] is (s["peak_memory_gib_per_rank"] <= s["device_memory_gib"])
     # the whole generation of one device, through the same path
     one = predict("tiny", 64, 1, "none", load_hardware("a100_pcie"), 8, cache_dir=cache).summary()
     assert one["latency_s"] == pytest.approx(s["single_device_latency_s"], rel=1e-12)
