@@ -87,44 +87,51 @@ def option(setup: Setup, p: Prediction) -> dict[str, Any]:
             "step_ms": s["step_ms"], "comm_s": s["comm_s"], "comm_exposed_s": s["comm_exposed_s"],
             "comm_hidden_fraction": s["comm_hidden_fraction"],
             "peak_memory_gib_per_rank": s["peak_memory_gib_per_rank"], "peak_memory_phase": s["peak_memory_phase"],
-            "stale_buffer_gib_per_rank": s["stale_buffer_gib_per_rank"], "fits_in_memory": s["fits_in_memory"],
+            "stale_buffer_gib_per_rank": s["stale_buffer_gib_per_rank"], "weights_gib_per_rank": s["weights_gib_per_rank"],
+            "fits_in_memory": s["fits_in_memory"],
             "lower_bound": setup.mode == LOWER_BOUND_MODE}
 
 
-def verdict(options: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """The device count beyond which adding devices stops paying, and why, in sentences.
+def verdict(options: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where adding devices stops paying, in latency and in memory, and why, in sentences.
 
     Compares the fastest acceptable configuration (fitting the memory where that is known) of
-    each count with that of twice as many devices.
+    each device count with that of twice as many. `stops_paying_at`: the first count whose
+    doubling gains less than `GAIN_WORTH_IT` (else the most devices tried);
+    `memory_stops_shrinking_at`: the first count whose doubling leaves more than
+    `MEMORY_SHRINKS` of the peak memory per rank (None if every doubling shrinks it).
     """
     best: dict[int, dict[str, Any]] = {}
     for o in options:
         if not o["lower_bound"] and o["fits_in_memory"] is not False:
             if o["devices"] not in best or o["latency_s"] < best[o["devices"]]["latency_s"]:
                 best[o["devices"]] = o
-    notes: list[str] = []
     if not best:
-        return 0, ["no configuration fits the device's memory"]
-    stop = None
-    for n in sorted(best):
-        if 2 * n not in best:
-            continue
-        a, b = best[n], best[2 * n]
-        gain = a["latency_s"] / b["latency_s"] - 1
-        mem_a, mem_b = a["peak_memory_gib_per_rank"], b["peak_memory_gib_per_rank"]
-        if mem_b > MEMORY_SHRINKS * mem_a:
-            notes.append(f"{n} -> {2 * n} devices: peak memory per rank {mem_a:.1f} -> {mem_b:.1f} GiB "
-                         f"(at the {b['peak_memory_phase']}), hardly smaller: every rank keeps the weights and "
-                         f"{b['stale_buffer_gib_per_rank']:.1f} GiB of stale activations (the whole image's K/V), "
-                         f"which do not shrink with N")
-        if gain < GAIN_WORTH_IT and stop is None:
-            stop = n
-            notes.append(f"{n} -> {2 * n} devices gains {gain:.0%} (< {GAIN_WORTH_IT:.0%}): "
-                         f"adding devices stops paying at {n}")
-    if stop is None:
+        return {"stops_paying_at": None, "memory_stops_shrinking_at": None,
+                "notes": ["no configuration fits the device's memory"]}
+    doublings = [(best[n], best[2 * n]) for n in sorted(best) if 2 * n in best]
+    slow = next(((a, b) for a, b in doublings if a["latency_s"] / b["latency_s"] - 1 < GAIN_WORTH_IT), None)
+    if slow is None:
         stop = max(best)
-        notes.append(f"every doubling up to {stop} devices gains at least {GAIN_WORTH_IT:.0%}")
-    return stop, notes
+        notes = [f"every doubling up to {stop} devices gains at least {GAIN_WORTH_IT:.0%}"]
+    else:
+        a, b = slow
+        stop = a["devices"]
+        notes = [f"{stop} -> {b['devices']} devices gains {a['latency_s'] / b['latency_s'] - 1:.0%} "
+                 f"(< {GAIN_WORTH_IT:.0%}): adding devices stops paying at {stop}"]
+    flat = next(((a, b) for a, b in doublings
+                 if b["peak_memory_gib_per_rank"] > MEMORY_SHRINKS * a["peak_memory_gib_per_rank"]), None)
+    if flat is None:
+        notes.append(f"every doubling lowers the peak memory per rank by more than {1 - MEMORY_SHRINKS:.0%}")
+    else:
+        a, b = flat
+        notes.append(f"from {a['devices']} devices on, more devices hardly lower the peak memory per rank "
+                     f"({a['peak_memory_gib_per_rank']:.1f} GiB on {a['devices']}, {b['peak_memory_gib_per_rank']:.1f} "
+                     f"on {b['devices']}, at the {b['peak_memory_phase']}): every rank keeps the weights "
+                     f"({b['weights_gib_per_rank']:.1f} GiB) and {b['stale_buffer_gib_per_rank']:.1f} GiB of stale "
+                     f"activations (the whole image's K/V), which do not shrink with N")
+    return {"stops_paying_at": stop, "memory_stops_shrinking_at": None if flat is None else flat[0]["devices"],
+            "notes": notes}
 
 
 def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,
@@ -133,7 +140,7 @@ def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, st
     """Predict every setup of `setups` and rank them; the JSON `python -m simulator advise` prints.
 
     `configurations` holds the acceptable ones sorted by latency, `lower_bound` the naive_patch
-    ones; `stops_paying_at` is `verdict`'s device count and `notes` its reasons.
+    ones; then `verdict`'s keys (`stops_paying_at`, `memory_stops_shrinking_at`, `notes`).
     """
     if max_devices > hardware.num_devices:
         raise ValueError(f"max_devices={max_devices} but {hardware.name} has {hardware.num_devices} devices")
@@ -145,12 +152,10 @@ def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, st
                     dtype=dtype, profile=profile, cache_dir=cache_dir)
         options.append(option(setup, p))
     options.sort(key=lambda o: (o["latency_s"], o["devices"]))  # a tie goes to fewer devices
-    stop, notes = verdict(options)
     return {"model": model, "resolution": resolution, "hardware": hardware.name, "max_devices": max_devices,
             "steps": steps, "dtype": dtype, "cfg": cfg,
             "configurations": [o for o in options if not o["lower_bound"]],
-            "lower_bound": [o for o in options if o["lower_bound"]],
-            "stops_paying_at": stop, "notes": notes}
+            "lower_bound": [o for o in options if o["lower_bound"]], **verdict(options)}
 
 
 def _progress(items: list, show: bool, desc: str) -> Iterable:

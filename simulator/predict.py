@@ -188,6 +188,7 @@ class Prediction:
             "comm_hidden_fraction": self.comm_hidden_fraction, "comm_bytes_per_device": r.comm_bytes_per_device,
             "peak_memory_gib_per_rank": peak / GIB, "peak_memory_phase": memory["peak_phase"],
             "stale_buffer_gib_per_rank": memory["stale_buffer_bytes"] / GIB,
+            "weights_gib_per_rank": memory["weights_bytes"] / GIB,
             "device_memory_gib": capacity,
             "fits_in_memory": None if capacity is None else peak <= capacity * GIB,
         }
