@@ -84,6 +84,7 @@ def option(setup: Setup, p: Prediction) -> dict[str, Any]:
     s = p.summary()
     return {"devices": setup.devices, "split_cfg": setup.split_cfg, "mode": setup.mode,
             "warmup_steps": setup.warmup_steps, "latency_s": s["latency_s"], "speedup": s["speedup"],
+            "ceiling_speedup": s["ceiling_speedup"],
             "step_ms": s["step_ms"], "comm_s": s["comm_s"], "comm_exposed_s": s["comm_exposed_s"],
             "comm_hidden_fraction": s["comm_hidden_fraction"],
             "peak_memory_gib_per_rank": s["peak_memory_gib_per_rank"], "peak_memory_phase": s["peak_memory_phase"],

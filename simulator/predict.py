@@ -10,8 +10,10 @@ model) run on every rank as on one device, so what a user waits for is
 
 and `speedup` is the baseline's latency_s over this one. `rank_compute_seconds` prices one
 rank's steady UNet step with no communication (what `shared/reference/h100_sdxl_displaced_step.json`
-measures); `Prediction.summary` is the JSON line `python -m simulator` ends with. The
-whole-generation parts, the peak memory and the ceiling are computed when first asked for, so
+measures); `ceiling_speedup` is the single device's step over the compute-only ceiling step of
+the same configuration (`simulator.ceiling`), the most any patch-parallel runtime could reach.
+`Prediction.summary` is the JSON line `python -m simulator` ends with. The
+whole-generation parts, the peak memory and the ceiling are recorded when first asked for, so
 a caller that only reads `result` pays for none of them.
 """
 
@@ -86,6 +88,15 @@ def _peak_memory(model: str, resolution: int, world_size: int, mode: str, split_
                        warmup_steps=warmup_steps, groupnorm=groupnorm, cache_dir=cache_dir)
 
 
+@functools.lru_cache(maxsize=64)
+def _ceiling(model: str, resolution: int, world_size: int, split_cfg: bool, cfg: bool, dtype: str,
+             cache_dir: str | None) -> dict:
+    from .ceiling import load_or_record_ceiling
+
+    return load_or_record_ceiling(model, resolution, world_size, split_cfg=split_cfg, cfg=cfg, dtype=dtype,
+                                  cache_dir=cache_dir)
+
+
 @dataclass
 class Prediction:
     """The parallel run's UNet loop, the baseline's, and what the rest of the generation adds.
@@ -154,6 +165,17 @@ class Prediction:
         return self._once("single", lambda: rank_compute_seconds(self.single_trace, self.hardware, self.profile))
 
     @property
+    def ceiling_step_s(self) -> float:
+        """One rank's compute-only, zero-overhead patch step of this configuration (`simulator.ceiling`);
+        on one device, the single device's step."""
+        s = self.setup
+        if s["world_size"] == 1:
+            return self.single_step_s
+        return self._once("ceiling", lambda: rank_compute_seconds(
+            _ceiling(s["model"], s["resolution"], s["world_size"], s["split_cfg"], s["cfg"], s["dtype"],
+                     self.cache_dir), self.hardware, self.profile))
+
+    @property
     def comm_hidden_fraction(self) -> float:
         """The share of the comm stream's busy time the compute stream did not wait for (1 without comm)."""
         r = self.result
@@ -183,7 +205,8 @@ class Prediction:
             "unet_speedup": self.baseline.latency_s / r.latency_s,
             "rank_compute_ms_per_step": self.rank_compute_s * 1e3,
             "step_ms": None if step is None else step * 1e3,
-            "single_device_step_ms": self.single_step_s * 1e3,
+            "single_device_step_ms": self.single_step_s * 1e3, "ceiling_step_ms": self.ceiling_step_s * 1e3,
+            "ceiling_speedup": self.single_step_s / self.ceiling_step_s,
             "compute_s": r.compute_s, "comm_s": r.comm_s, "comm_exposed_s": r.comm_exposed_s,
             "comm_hidden_fraction": self.comm_hidden_fraction, "comm_bytes_per_device": r.comm_bytes_per_device,
             "peak_memory_gib_per_rank": peak / GIB, "peak_memory_phase": memory["peak_phase"],

@@ -49,12 +49,16 @@ def test_json_line_has_the_parts_of_the_latency_and_consistent_ratios(cache, tmp
     # one rank's steady step: its compute alone, then with the exchange it waits for
     assert 0 < s["rank_compute_ms_per_step"] <= s["step_ms"] * (1 + 1e-9)
     assert s["step_ms"] * 1e-3 * (8 - 2) < s["unet_s"]
+    # the compute-only ceiling: less work than the real step, the same single-device step
+    assert s["ceiling_step_ms"] < s["rank_compute_ms_per_step"]
+    assert s["ceiling_speedup"] == pytest.approx(s["single_device_step_ms"] / s["ceiling_step_ms"], rel=1e-12)
     assert s["peak_memory_gib_per_rank"] > 0 and s["warmup_steps"] == 2 and s["split_cfg"] is False
     assert s["fits_in_memory"] is (s["peak_memory_gib_per_rank"] <= s["device_memory_gib"])
     # the whole generation of one device, through the same path
     one = predict("tiny", 64, 1, "none", load_hardware("a100_pcie"), 8, cache_dir=cache).summary()
     assert one["latency_s"] == pytest.approx(s["single_device_latency_s"], rel=1e-12)
-    assert one["speedup"] == pytest.approx(1) and one["comm_hidden_fraction"] == 1.0
+    assert one["speedup"] == pytest.approx(1) and one["comm_hidden_fraction"] == 1.0 and one["ceiling_speedup"] == 1
+    assert one["single_device_step_ms"] == pytest.approx(s["single_device_step_ms"], rel=1e-12)
     assert one["rank_compute_ms_per_step"] == pytest.approx(one["step_ms"], rel=1e-9)
     # every rank runs the same text encoders, scheduler and VAE as the single device
     assert all(one[k] == pytest.approx(s[k]) for k in ("text_encoders_s", "scheduler_s", "vae_decode_s"))
@@ -112,7 +116,7 @@ def test_advise_ranks_every_configuration_by_latency(cache, tmp_path):
         (2, split, "sync_patch", None) for split in (True, False)}
     assert {c["mode"] for c in a["lower_bound"]} == {"naive_patch"} and len(a["lower_bound"]) == 2
     for c in configs + a["lower_bound"]:
-        assert {"speedup", "comm_exposed_s", "peak_memory_gib_per_rank", "fits_in_memory"} <= set(c)
+        assert {"speedup", "ceiling_speedup", "comm_exposed_s", "peak_memory_gib_per_rank", "fits_in_memory"} <= set(c)
     base = next(c for c in configs if c["devices"] == 1)
     assert base["speedup"] == pytest.approx(1) and base["comm_exposed_s"] == 0
     assert a["stops_paying_at"] in {1, 2} and len(a["notes"]) == 2
