@@ -28,6 +28,7 @@ from .topology import COLLECTIVES, FluidNetwork, Plan, Topology
 
 COMPUTE, ISSUE, WAIT = 0, 1, 2
 PHASES = ("warmup", "steady", "final")
+EAGER_STEPS = 2  # steps of a graph before it replays: one eager, one captured
 
 
 class Span(NamedTuple):
@@ -319,8 +320,10 @@ def _wake(event: simpy.Event) -> None:
         stream.wake()
 
 
-def compile_phase(events: list[dict], model: ComputeModel, world_size: int, where: str) -> list[tuple]:
-    """Trace events -> op tuples; consecutive compute events merge into one timeout.
+def compile_phase(events: list[dict], model: ComputeModel, world_size: int, where: str,
+                  eager: bool = False) -> list[tuple]:
+    """Trace events -> op tuples; consecutive compute events merge into one timeout (priced
+    as eager launches if `eager`, else as graph replays).
 
     (COMPUTE, seconds, ((tag, seconds), ...)),
     (ISSUE, id, kind, bytes, group_size, tag), (WAIT, id).
@@ -339,7 +342,7 @@ def compile_phase(events: list[dict], model: ComputeModel, world_size: int, wher
     for i, ev in enumerate(events):
         kind = ev.get("type")
         if kind == "compute":
-            parts.append((str(ev.get("tag") or "compute"), model.event_seconds(ev)))
+            parts.append((str(ev.get("tag") or "compute"), model.event_seconds(ev, eager)))
             continue
         flush()
         if kind == "issue":
@@ -379,7 +382,9 @@ def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, 
         stray = sorted({op[1] for ops in compiled.values() for op in ops if op[0] == WAIT} - issued)
         if stray:
             raise ValueError(f"role {r} waits on collective ids never issued: {stray[:10]}")
-        schedule = [(compiled["warmup"], warm), (compiled["steady"], steps - warm), (compiled["final"], 1)]
+        eager = {p: compile_phase(phases.get(p, []), model, world, f"role {r} {p}", eager=True)
+                 for p in ("warmup", "steady")}
+        schedule = _graph_schedule(compiled, eager, warm, steps, patched=meta.get("mode", "none") != "none")
         for rank in role["ranks"]:
             if rank in per_rank or not 0 <= rank < world:
                 raise ValueError(f"rank {rank} of role {r} is repeated or outside world_size {world}")
@@ -389,12 +394,31 @@ def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, 
     return per_rank, world
 
 
+def _graph_schedule(graphed: dict[str, list], eager: dict[str, list], warm: int, steps: int,
+                    patched: bool) -> list[tuple[list, int]]:
+    """(ops, repetitions) per step in order, as the app runs them on a GPU: the synchronous
+    warm-up steps of a patched mode run eagerly, the next step too (`CudaGraphed`'s first call)
+    and the one after is captured (the host's eager time; its replay is not counted again);
+    the rest replay graphs. Unpatched (mode none), warm-up and steady steps are alike."""
+    if not patched:
+        graphed, eager = {**graphed, "warmup": graphed["steady"]}, {**eager, "warmup": eager["steady"]}
+        warm_eager, warm_graphed = min(warm, EAGER_STEPS), max(0, warm - EAGER_STEPS)
+        first = [(eager["warmup"], warm_eager), (graphed["warmup"], warm_graphed)]
+        steady_eager = min(steps - warm, EAGER_STEPS - warm_eager)
+    else:
+        first = [(eager["warmup"], warm)]
+        steady_eager = min(steps - warm, EAGER_STEPS)
+    return first + [(eager["steady"], steady_eager), (graphed["steady"], steps - warm - steady_eager),
+                    (graphed["final"], 1)]
+
+
 def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: CalibrationProfile | None = None,
              timeline: bool = False) -> SimResult:
     """Replay `trace` for `steps` denoising steps on `hardware` (a preset or its name).
 
     The warmup phase runs min(meta.warmup_steps, steps) times, the steady phase the remaining
-    steps, the final phase once. `profile` replaces roofline times where it has measurements;
+    steps, the final phase once; steps before the CUDA graphs replay are priced as eager
+    launches (`_graph_schedule`). `profile` replaces roofline times where it has measurements;
     `timeline=True` fills `SimResult.spans`. Raises `RuntimeError` if the ranks deadlock.
     """
     if isinstance(hardware, str):

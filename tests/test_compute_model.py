@@ -5,6 +5,7 @@ CFG, N = 2/4/8) and its zero-overhead ceiling (batch 1, 1/N of the rows, N = 1/2
 2048 and 3840 px. The simulator must predict each within 10% from the recorded trace alone.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -108,3 +109,21 @@ def test_memory_bound_ops_move_their_bytes_at_the_achieved_bandwidth():
     gpu = device(launch_overhead=0.0)
     op = {"kind": "copy_", "key": "f16|1000000,1000000|", "flops": 1e6, "bytes": 4e6, "count": 2}
     assert kernel_seconds(op, gpu, "float16") == pytest.approx(4e6 / (1e12 * 0.5), rel=1e-6)
+
+
+def tiny_trace(mode: str, warmup_steps: int) -> dict:
+    step = [{"type": "compute", "tag": "step", "flops": 0.0, "bytes": 0.0,
+             "ops": [{"kind": "add", "key": "f16|4,4|", "flops": 40.0, "bytes": 240.0, "count": 10}]}]
+    meta = {"world_size": 1, "warmup_steps": warmup_steps, "dtype": "float16", "mode": mode}
+    return {"meta": meta, "roles": [{"ranks": [0], "phases": {"warmup": step, "steady": step, "final": []}}]}
+
+
+@pytest.mark.parametrize("mode,eager_steps", [("displaced", 3 + 2), ("none", 2)])
+def test_steps_before_the_graphs_replay_pay_the_hosts_launch_cost(mode, eager_steps):
+    """Patched: the synchronous warm-up steps and the next two (eager, captured); unpatched: two."""
+    h100 = load_hardware(H100)
+    hardware = dataclasses.replace(h100, device=dataclasses.replace(h100.device, launch_overhead=1e-6,
+                                                                     eager_op_overhead=1e-4))
+    ends = simulate(tiny_trace(mode, warmup_steps=3), hardware, steps=10).step_end_s
+    durations = [b - a for a, b in zip([0.0] + ends, ends)][:10]
+    assert durations == pytest.approx([10 * 1e-4] * eager_steps + [10 * 1e-6] * (10 - eager_steps), rel=1e-3)
