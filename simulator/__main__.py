@@ -45,7 +45,8 @@ def table(p: Prediction) -> str:
         lines.append(f"{name:<22}{total:>9.3f}s{r.latency_s:>9.3f}s{r.compute_s:>9.3f}s{r.comm_s:>9.3f}s"
                      f"{r.comm_exposed_s:>9.3f}s{r.comm_bytes_per_device / 2**20:>10.1f} MiB")
     step = "-" if summary["step_ms"] is None else f"{summary['step_ms']:.1f} ms"
-    lines.append(f"speedup {p.speedup:.2f}x (UNet loop {summary['unet_speedup']:.2f}x); text encoders "
+    lines.append(f"speedup {p.speedup:.2f}x (UNet loop {summary['unet_speedup']:.2f}x, compute-only ceiling "
+                 f"{summary['ceiling_speedup']:.2f}x); text encoders "
                  f"{summary['text_encoders_s']:.3f}s, scheduler {summary['scheduler_s']:.3f}s, "
                  f"VAE decode {summary['vae_decode_s']:.3f}s")
     lines.append(f"steady step {step} ({summary['rank_compute_ms_per_step']:.1f} ms of compute per rank, "

@@ -48,20 +48,15 @@ def rank_compute_seconds(trace: dict, hardware: Hardware | str, profile: Calibra
 
 
 def steady_step_seconds(result: SimResult) -> float | None:
-    """Mean duration of a steady denoising step, communication included (from `step_end_s`).
-
-    The first steady step is left out when there are others: it follows the synchronous
-    warm-up and does not yet overlap a previous step's exchange. None when every step is a
-    warm-up step.
-    """
+    """The last denoising step's duration, communication included (from `step_end_s`): the step
+    as it repeats once the warm-up and the eager steps before graph replay are over. None when
+    every step is a warm-up step."""
     ends = result.step_end_s
     warm = min(int(result.meta.get("warmup_steps", 0)), result.steps)
     last = result.steps - 1
-    first = warm + 1 if last > warm else warm
-    if first > last:
+    if last < warm:
         return None
-    start = ends[first - 1] if first > 0 else 0.0
-    return (ends[last] - start) / (last - first + 1)
+    return ends[last] - (ends[last - 1] if last > 0 else 0.0)
 
 
 @functools.lru_cache(maxsize=64)

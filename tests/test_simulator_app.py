@@ -79,16 +79,15 @@ def test_rank_compute_seconds_prices_the_steady_phase_only():
     assert rank_compute_seconds(trace, "a100_pcie") == pytest.approx(expected, rel=1e-12)
 
 
-def test_steady_step_leaves_out_the_warmup_and_the_first_steady_step():
+def test_steady_step_is_the_last_step_of_the_loop():
     def result(ends: list[float], warmup: int) -> SimResult:
         zero = {k: 0.0 for k in ("compute_s", "comm_s", "comm_exposed_s", "comm_bytes_per_device")}
         return SimResult(latency_s=ends[-1], world_size=2, steps=len(ends) - 1, hardware="x",
                          meta={"warmup_steps": warmup}, step_end_s=ends,
                          **zero, **{k: 0.0 for k in SimResult.__dataclass_fields__ if k.endswith("slowdown_s")})
 
-    # 2 warm-up steps of 5 s, a first steady step of 3 s, then steady steps of 2 s, the final phase
-    ends = [5.0, 10.0, 13.0, 15.0, 17.0, 19.0, 19.5]
-    assert steady_step_seconds(result(ends, 2)) == pytest.approx(2.0)
+    # 2 warm-up steps of 5 s, 2 eager steady steps of 4 s, graph-replayed steps of 2 s, the final phase
+    assert steady_step_seconds(result([5.0, 10.0, 14.0, 18.0, 20.0, 22.0, 22.5], 2)) == pytest.approx(2.0)
     assert steady_step_seconds(result([5.0, 8.0, 8.5], 1)) == pytest.approx(3.0)  # only one steady step
     assert steady_step_seconds(result([5.0, 10.0, 10.5], 4)) is None  # no steady step
 
