@@ -212,14 +212,14 @@ class Prediction:
         }
 
     def row(self) -> dict[str, Any]:
-        """A sweep CSV row: the trace's setup, then the whole generation's and the UNet loop's figures."""
-        r = self.result
-        head = {k: v for k, v in r.to_row().items() if k in ("model", "resolution", "mode", "dtype", "hardware",
-                                                              "devices", "steps")}
-        return {**head, "parallel": self.setup["parallel"], "latency_s": self.latency_s,
-                "single_device_latency_s": self.baseline_latency_s, "speedup": self.speedup, "unet_s": r.latency_s,
-                "compute_s": r.compute_s, "comm_s": r.comm_s, "comm_exposed_s": r.comm_exposed_s,
-                "comm_bytes_per_device": r.comm_bytes_per_device}
+        """A sweep CSV row: the trace's setup, then `summary`'s figures of the run."""
+        head = {k: v for k, v in self.result.to_row().items()
+                if k in ("model", "resolution", "mode", "dtype", "hardware", "devices", "steps")}
+        s = self.summary()
+        return {**head, **{k: s[k] for k in (
+            "parallel", "latency_s", "single_device_latency_s", "speedup", "unet_s", "step_ms",
+            "rank_compute_ms_per_step", "ceiling_speedup", "compute_s", "comm_s", "comm_exposed_s",
+            "comm_hidden_fraction", "comm_bytes_per_device", "peak_memory_gib_per_rank")}}
 
 
 def with_warmup(trace: dict, warmup_steps: int) -> dict:
