@@ -29,6 +29,7 @@ from .topology import COLLECTIVES, FluidNetwork, Plan, Topology
 COMPUTE, ISSUE, WAIT = 0, 1, 2
 PHASES = ("warmup", "steady", "final")
 EAGER_STEPS = 2  # steps of a graph before it replays: one eager, one captured
+GRAPHS = ("cold", "warm", "all", "none")  # which steps replay CUDA graphs (`_graph_schedule`)
 
 
 class Span(NamedTuple):
@@ -364,7 +365,7 @@ def compile_phase(events: list[dict], model: ComputeModel, world_size: int, wher
     return ops
 
 
-def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, list], int]:
+def _schedules(trace: dict, model: ComputeModel, steps: int, graphs: str) -> tuple[dict[int, list], int]:
     meta = trace.get("meta", {})
     for key in ("world_size", "warmup_steps", "dtype"):
         if key not in meta:
@@ -384,7 +385,7 @@ def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, 
             raise ValueError(f"role {r} waits on collective ids never issued: {stray[:10]}")
         eager = {p: compile_phase(phases.get(p, []), model, world, f"role {r} {p}", eager=True)
                  for p in ("warmup", "steady")}
-        schedule = _graph_schedule(compiled, eager, warm, steps, patched=meta.get("mode", "none") != "none")
+        schedule = _graph_schedule(compiled, eager, warm, steps, meta.get("mode", "none") != "none", graphs)
         for rank in role["ranks"]:
             if rank in per_rank or not 0 <= rank < world:
                 raise ValueError(f"rank {rank} of role {r} is repeated or outside world_size {world}")
@@ -395,30 +396,42 @@ def _schedules(trace: dict, model: ComputeModel, steps: int) -> tuple[dict[int, 
 
 
 def _graph_schedule(graphed: dict[str, list], eager: dict[str, list], warm: int, steps: int,
-                    patched: bool) -> list[tuple[list, int]]:
-    """(ops, repetitions) per step in order, as the app runs them on a GPU: the synchronous
-    warm-up steps of a patched mode run eagerly, the next step too (`CudaGraphed`'s first call)
-    and the one after is captured (the host's eager time; its replay is not counted again);
-    the rest replay graphs. Unpatched (mode none), warm-up and steady steps are alike."""
+                    patched: bool, graphs: str) -> list[tuple[list, int]]:
+    """(ops, repetitions) per step in order, as the app runs them on a GPU.
+
+    A graph-replayed steady step waits for its own gathers before it ends (a replay runs no
+    Python to wait later: `PatchUNetForward._graph_step`). `graphs` (see `GRAPHS`) says which
+    steps replay: "cold", a process's first generation: a patched mode's synchronous warm-up
+    steps run eagerly, then the first steady step (`CudaGraphed`'s first call) and the second
+    (captured: the host's eager time; its replay is not counted again); unpatched (mode none),
+    the first two steps. "warm": a later generation, graphs already captured (warm-up steps
+    still eager: the app does not capture them). "all": every step replays, warm-up included
+    (as a runtime that captures its warm-up steps too). "none": every step eager.
+    """
+    if graphs not in GRAPHS:
+        raise ValueError(f"graphs must be one of {GRAPHS}, got {graphs!r}")
+    if graphs == "none":
+        return [(eager["warmup"], warm), (eager["steady"], steps - warm), (graphed["final"], 1)]
     if not patched:
-        graphed, eager = {**graphed, "warmup": graphed["steady"]}, {**eager, "warmup": eager["steady"]}
-        warm_eager, warm_graphed = min(warm, EAGER_STEPS), max(0, warm - EAGER_STEPS)
-        first = [(eager["warmup"], warm_eager), (graphed["warmup"], warm_graphed)]
-        steady_eager = min(steps - warm, EAGER_STEPS - warm_eager)
-    else:
-        first = [(eager["warmup"], warm)]
-        steady_eager = min(steps - warm, EAGER_STEPS)
-    return first + [(eager["steady"], steady_eager), (graphed["steady"], steps - warm - steady_eager),
-                    (graphed["final"], 1)]
+        cold = EAGER_STEPS if graphs == "cold" else 0
+        warm_eager, steady_eager = min(warm, cold), min(steps - warm, max(0, cold - warm))
+        return [(eager["warmup"], warm_eager), (graphed["warmup"], warm - warm_eager),
+                (eager["steady"], steady_eager), (graphed["steady"], steps - warm - steady_eager),
+                (graphed["final"], 1)]
+    replayed = graphed["steady"] + [(WAIT, op[1]) for op in graphed["steady"] if op[0] == ISSUE]
+    first = eager["warmup"] if graphs in ("cold", "warm") else graphed["warmup"]
+    steady_eager = min(steps - warm, EAGER_STEPS) if graphs == "cold" else 0
+    return [(first, warm), (eager["steady"], steady_eager), (replayed, steps - warm - steady_eager),
+            (graphed["final"], 1)]
 
 
 def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: CalibrationProfile | None = None,
-             timeline: bool = False) -> SimResult:
+             timeline: bool = False, graphs: str = "cold") -> SimResult:
     """Replay `trace` for `steps` denoising steps on `hardware` (a preset or its name).
 
     The warmup phase runs min(meta.warmup_steps, steps) times, the steady phase the remaining
-    steps, the final phase once; steps before the CUDA graphs replay are priced as eager
-    launches (`_graph_schedule`). `profile` replaces roofline times where it has measurements;
+    steps, the final phase once; `graphs` (`GRAPHS`) says which steps replay CUDA graphs and
+    which run eagerly (`_graph_schedule`). `profile` replaces roofline times where it has measurements;
     `timeline=True` fills `SimResult.spans`. Raises `RuntimeError` if the ranks deadlock.
     """
     if isinstance(hardware, str):
@@ -426,7 +439,7 @@ def simulate(trace: dict, hardware: Hardware | str, steps: int, profile: Calibra
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     model = ComputeModel(hardware.device, trace.get("meta", {}).get("dtype", ""), profile)
-    schedules, world = _schedules(trace, model, steps)
+    schedules, world = _schedules(trace, model, steps, graphs)
     env = simpy.Environment()
     sim = _Sim(env, Topology(hardware, world), timeline)
     sim.computes = [_ComputeStream(sim, rank, schedules[rank]) for rank in range(world)]

@@ -119,9 +119,23 @@ def test_wait_on_previous_step_instance():
     nbytes, g, steps = 4e8, 8, 5
     t_comm, c = ring_all_gather(nbytes, g), 0.1
     trace = make_trace(g, [(list(range(g)), [wait(0), compute(c), issue(0, nbytes, g)])])
-    result = simulate(trace, make_hw(), steps=steps)
+    result = simulate(trace, make_hw(), steps=steps, graphs="none")  # eager: the trace's own waits only
     assert close(result.latency_s, steps * c + (steps - 1) * t_comm)
     assert close(result.comm_exposed_s, (steps - 1) * t_comm)
+
+
+def test_a_replayed_graph_step_waits_for_its_own_gathers():
+    """Graph replays (after the two eager steps of a cold start) end with the step's gathers done:
+    the gather issued at a step's end is exposed in that step, and the next one's wait is free."""
+    nbytes, g, steps = 4e8, 8, 6
+    t_comm, c = ring_all_gather(nbytes, g), 0.1
+    trace = make_trace(g, [(list(range(g)), [wait(0), compute(c), issue(0, nbytes, g)])])
+    ends = simulate(trace, make_hw(), steps=steps, graphs="cold").step_end_s
+    durations = [b - a for a, b in zip([0.0] + ends, ends)][:steps]
+    # eager step 1: c; eager step 2: waits step 1's gather, then c; the first replay waits step
+    # 2's gather too, then c and its own; later replays: c and their own gather
+    expect = [c, t_comm + c, 2 * t_comm + c] + [c + t_comm] * (steps - 3)
+    assert all(close(a, b) for a, b in zip(durations, expect)), (durations, expect)
 
 
 def test_step_end_s_marks_each_step_of_the_slowest_rank():
@@ -139,7 +153,7 @@ def test_step_end_s_marks_each_step_of_the_slowest_rank():
     trace = make_trace(g, [([0], steady), ([1], steady)], warmup=warmup, warmup_steps=warm)
     trace["roles"][1]["phases"]["final"] = [wait(0), compute(f)]
     trace["roles"][0]["phases"]["final"] = [wait(0)]
-    ends = simulate(trace, make_hw(num_devices=2), steps=steps).step_end_s
+    ends = simulate(trace, make_hw(num_devices=2), steps=steps, graphs="none").step_end_s
     first_steady = warm * (w + t) + c
     expect = [w + t, 2 * (w + t)] + [first_steady + k * (t + c) for k in range(steps - warm)]
     expect.append(expect[-1] + t + f)
