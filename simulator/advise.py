@@ -89,6 +89,7 @@ def option(setup: Setup, p: Prediction) -> dict[str, Any]:
             "comm_hidden_fraction": s["comm_hidden_fraction"],
             "peak_memory_gib_per_rank": s["peak_memory_gib_per_rank"], "peak_memory_phase": s["peak_memory_phase"],
             "stale_buffer_gib_per_rank": s["stale_buffer_gib_per_rank"], "weights_gib_per_rank": s["weights_gib_per_rank"],
+            "vae_decode_gib": s["vae_decode_gib"],
             "fits_in_memory": s["fits_in_memory"],
             "lower_bound": setup.mode == LOWER_BOUND_MODE}
 
@@ -117,22 +118,30 @@ def verdict(options: list[dict[str, Any]]) -> dict[str, Any]:
         notes = [f"every doubling up to {stop} devices gains at least {GAIN_WORTH_IT:.0%}"]
     else:
         a, b = slow
-        stop = a["devices"]
-        notes = [f"{stop} -> {b['devices']} devices gains {a['latency_s'] / b['latency_s'] - 1:.0%} "
-                 f"(< {GAIN_WORTH_IT:.0%}): adding devices stops paying at {stop}"]
+        stop, gain = a["devices"], a["latency_s"] / b["latency_s"] - 1
+        change = f"gains {gain:.0%} (< {GAIN_WORTH_IT:.0%})" if gain >= 0 else f"is {-gain:.0%} slower"
+        notes = [f"{_devices(stop)} -> {b['devices']} {change}: adding devices stops paying at {stop}"]
     flat = next(((a, b) for a, b in doublings
                  if b["peak_memory_gib_per_rank"] > MEMORY_SHRINKS * a["peak_memory_gib_per_rank"]), None)
     if flat is None:
         notes.append(f"every doubling lowers the peak memory per rank by more than {1 - MEMORY_SHRINKS:.0%}")
     else:
         a, b = flat
-        notes.append(f"from {a['devices']} devices on, more devices hardly lower the peak memory per rank "
-                     f"({a['peak_memory_gib_per_rank']:.1f} GiB on {a['devices']}, {b['peak_memory_gib_per_rank']:.1f} "
-                     f"on {b['devices']}, at the {b['peak_memory_phase']}): every rank keeps the weights "
-                     f"({b['weights_gib_per_rank']:.1f} GiB) and {b['stale_buffer_gib_per_rank']:.1f} GiB of stale "
-                     f"activations (the whole image's K/V), which do not shrink with N")
+        kept = {"the weights": b["weights_gib_per_rank"],
+                "the stale activations (the whole image's K/V)": b["stale_buffer_gib_per_rank"],
+                "the VAE decode of the whole image (rank 0)": b["vae_decode_gib"]}
+        notes.append(f"from {_devices(a['devices'])} on, more devices hardly lower the peak memory per rank "
+                     f"({a['peak_memory_gib_per_rank']:.1f} GiB on {a['devices']}, "
+                     f"{b['peak_memory_gib_per_rank']:.1f} on {b['devices']}, at the {b['peak_memory_phase']}); "
+                     f"what does not shrink with N: "
+                     + ", ".join(f"{what} {gib:.3g} GiB" for what, gib in kept.items()
+                                 if gib >= 0.05 * b["peak_memory_gib_per_rank"]))
     return {"stops_paying_at": stop, "memory_stops_shrinking_at": None if flat is None else flat[0]["devices"],
             "notes": notes}
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
 
 
 def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,

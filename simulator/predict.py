@@ -207,6 +207,7 @@ class Prediction:
             "peak_memory_gib_per_rank": peak / GIB, "peak_memory_phase": memory["peak_phase"],
             "stale_buffer_gib_per_rank": memory["stale_buffer_bytes"] / GIB,
             "weights_gib_per_rank": memory["weights_bytes"] / GIB,
+            "vae_decode_gib": memory["vae_decode_peak_bytes"] / GIB,
             "device_memory_gib": capacity,
             "fits_in_memory": None if capacity is None else peak <= capacity * GIB,
         }

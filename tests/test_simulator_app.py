@@ -133,7 +133,8 @@ def test_advise_ranks_every_configuration_by_latency(cache, tmp_path):
 def test_verdict_stops_where_a_doubling_gains_under_ten_percent_or_memory_stays():
     def o(n: int, latency: float, memory: float, lower_bound: bool = False, fits=None) -> dict:
         return {"devices": n, "latency_s": latency, "peak_memory_gib_per_rank": memory, "peak_memory_phase": "denoise",
-                "stale_buffer_gib_per_rank": 1.0, "weights_gib_per_rank": 5.0, "lower_bound": lower_bound,
+                "stale_buffer_gib_per_rank": 1.0, "weights_gib_per_rank": 5.0, "vae_decode_gib": 0.0,
+                "lower_bound": lower_bound,
                 "fits_in_memory": fits}
 
     v = verdict([o(1, 10, 20), o(2, 6, 12), o(4, 5.6, 11.5), o(8, 3, 11), o(8, 1, 1, lower_bound=True)])
