@@ -1,7 +1,7 @@
 """`python -m simulator [advise] [key=value ...]`: predict DistriFusion's latency and speedup.
 
     python -m simulator model=sdxl resolution=3840 world_size=8 hardware=a100_sxm_nvlink \\
-        parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16]
+        parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16] [graphs=warm]
     python -m simulator -m world_size=1,2,4,8 resolution=1024,2048 hardware=a100_sxm_nvlink,a100_pcie
     python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8
 
@@ -68,7 +68,8 @@ def run(cfg: DictConfig) -> Prediction:
     options = parallel_options(cfg.parallel)
     mode = options.pop("mode")
     prediction = predict(cfg.model.name, resolution, cfg.world_size, mode, hardware, cfg.steps, cfg=cfg.cfg,
-                         dtype=model_dtype(cfg.model), profile=profile, cache_dir=cfg.trace_cache, **options)
+                         dtype=model_dtype(cfg.model), profile=profile, cache_dir=cfg.trace_cache,
+                         graphs=cfg.graphs.value, **options)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     csv_path = sweep_csv(cfg, hydra_cfg.sweep.dir) if multirun or cfg.out_csv else None
@@ -96,7 +97,7 @@ def run_advise(cfg: DictConfig) -> dict:
     groupnorm = parallel_options(cfg.parallel)["groupnorm"]
     return advise(cfg.model.name, resolution, hardware, cfg.max_devices or hardware.num_devices, cfg.steps,
                   cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=groupnorm, profile=profile,
-                  cache_dir=cfg.trace_cache)
+                  cache_dir=cfg.trace_cache, graphs=cfg.graphs.value)
 
 
 def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, out_dir: Path) -> Path:
@@ -105,7 +106,7 @@ def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, o
     from .engine import simulate
 
     steps = min(cfg.timeline_steps, cfg.steps) if cfg.timeline_steps > 0 else cfg.steps
-    spans = simulate(prediction.trace, hardware, steps, profile, timeline=True).spans
+    spans = simulate(prediction.trace, hardware, steps, profile, timeline=True, graphs=cfg.graphs.value).spans
     s = prediction.setup
     path = out_dir / f"timeline_{s['model']}_{s['resolution']}_{s['world_size']}x{s['hardware']}_{s['parallel']}.json"
     write_chrome_trace(spans, path, {**s, "timeline_steps": steps})

@@ -146,7 +146,7 @@ def _devices(n: int) -> str:
 
 def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,
            dtype: str = "float16", groupnorm: str = "corrected", profile: CalibrationProfile | None = None,
-           cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+           cache_dir: str | Path | None = None, graphs: str = "cold", progress: bool = True) -> dict[str, Any]:
     """Predict every setup of `setups` and rank them; the JSON `python -m simulator advise` prints.
 
     `configurations` holds the acceptable ones sorted by latency, `lower_bound` the naive_patch
@@ -159,11 +159,11 @@ def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, st
     for setup in _progress(todo, progress, f"{model} {resolution}px on {hardware.name}"):
         p = predict(model, resolution, setup.devices, setup.mode, hardware, steps,
                     warmup_steps=setup.warmup_steps or 1, groupnorm=groupnorm, split_cfg=setup.split_cfg, cfg=cfg,
-                    dtype=dtype, profile=profile, cache_dir=cache_dir)
+                    dtype=dtype, profile=profile, cache_dir=cache_dir, graphs=graphs)
         options.append(option(setup, p))
     options.sort(key=lambda o: (o["latency_s"], o["devices"]))  # a tie goes to fewer devices
     return {"model": model, "resolution": resolution, "hardware": hardware.name, "max_devices": max_devices,
-            "steps": steps, "dtype": dtype, "cfg": cfg,
+            "steps": steps, "dtype": dtype, "cfg": cfg, "graphs": graphs,
             "configurations": [o for o in options if not o["lower_bound"]],
             "lower_bound": [o for o in options if o["lower_bound"]], **verdict(options)}
 

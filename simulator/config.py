@@ -39,6 +39,15 @@ class GroupNorm(str, Enum):
     sync = "sync"
 
 
+class Graphs(str, Enum):
+    """Which denoising steps replay CUDA graphs (`simulator.engine.GRAPHS`)."""
+
+    cold = "cold"
+    warm = "warm"
+    all = "all"
+    none = "none"
+
+
 class DType(str, Enum):
     float16 = "float16"
     bfloat16 = "bfloat16"
@@ -61,6 +70,9 @@ class SimulateConfig:
     out_csv: append the result row to this CSV; null: in a multirun, `<sweep dir>/results.csv`
         (a PNG of speedup, latency and exposed communication vs devices is drawn from it when
         the sweep ends), else nowhere.
+    graphs: which steps replay CUDA graphs: `cold` (a process's first generation: warm-up and the
+        first two steady steps eager), `warm` (a later one: graphs captured, warm-up steps still
+        eager), `all`, `none` (`simulator.engine._graph_schedule`).
     task: `predict` this configuration, or `advise` (`simulator/advise.py`): try every device
         count up to `max_devices` (null: the preset's), split CFG on and off, the modes and
         warm-up counts, and print the `top` fastest; `world_size` and `parallel.mode` are then
@@ -79,6 +91,7 @@ class SimulateConfig:
     timeline: bool = False
     timeline_steps: int = 6
     out_csv: Optional[str] = None
+    graphs: Graphs = Graphs.cold
     task: Task = Task.predict
     max_devices: Optional[int] = None
     top: int = 10

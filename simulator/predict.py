@@ -235,8 +235,9 @@ def with_warmup(trace: dict, warmup_steps: int) -> dict:
 def predict(model: str, resolution: int, world_size: int, parallel: str, hardware: Hardware, steps: int,
             warmup_steps: int = 4, groupnorm: str = "corrected", split_cfg: bool = True, cfg: bool = True,
             dtype: str = "float16", profile: CalibrationProfile | None = None,
-            cache_dir: str | Path | None = None) -> Prediction:
-    """Simulate `model` on `world_size` devices of `hardware` in mode `parallel` and on one device.
+            cache_dir: str | Path | None = None, graphs: str = "cold") -> Prediction:
+    """Simulate `model` on `world_size` devices of `hardware` in mode `parallel` and on one device,
+    `graphs` saying which steps replay CUDA graphs (`simulator.engine.GRAPHS`).
 
     Both traces are read (or recorded) with the default warm-up count and replayed with
     `warmup_steps` (`with_warmup`), so predictions that differ only in it share their traces.
@@ -247,6 +248,7 @@ def predict(model: str, resolution: int, world_size: int, parallel: str, hardwar
     single = with_warmup(_trace(model, resolution, 1, "none", *common), warmup_steps)
     setup = {"model": model, "resolution": resolution, "world_size": world_size, "hardware": hardware.name,
              "parallel": parallel, "steps": steps, "dtype": dtype, "warmup_steps": warmup_steps,
-             "groupnorm": groupnorm, "split_cfg": split_cfg, "cfg": cfg}
-    return Prediction(simulate(trace, hardware, steps, profile), simulate(single, hardware, steps, profile),
-                      setup, trace, single, hardware, profile, cache)
+             "groupnorm": groupnorm, "split_cfg": split_cfg, "cfg": cfg, "graphs": graphs}
+    return Prediction(simulate(trace, hardware, steps, profile, graphs=graphs),
+                      simulate(single, hardware, steps, profile, graphs=graphs), setup, trace, single, hardware,
+                      profile, cache)

@@ -60,6 +60,10 @@ def test_json_line_has_the_parts_of_the_latency_and_consistent_ratios(cache, tmp
     assert one["speedup"] == pytest.approx(1) and one["comm_hidden_fraction"] == 1.0 and one["ceiling_speedup"] == 1
     assert one["single_device_step_ms"] == pytest.approx(s["single_device_step_ms"], rel=1e-12)
     assert one["rank_compute_ms_per_step"] == pytest.approx(one["step_ms"], rel=1e-9)
+    # a later generation (graphs captured) replays more steps than the first: the app passes `graphs` on
+    warm = predict("tiny", 64, 2, "displaced", load_hardware("a100_pcie"), 8, warmup_steps=2, split_cfg=False,
+                   cache_dir=cache, graphs="warm").summary()
+    assert s["graphs"] == "cold" and warm["graphs"] == "warm" and warm["unet_s"] < s["unet_s"]
     # every rank runs the same text encoders, scheduler and VAE as the single device
     assert all(one[k] == pytest.approx(s[k]) for k in ("text_encoders_s", "scheduler_s", "vae_decode_s"))
 
