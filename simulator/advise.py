@@ -1,6 +1,7 @@
 """Which setup is fastest on this hardware: `python -m simulator advise ...`.
 
-    python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8 [steps=50] [top=10]
+    python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8 [steps=50] [top=10] \\
+        [graphs=warm]
 
 (`advise` is short for `task=advise`; `max_devices` defaults to the preset's device count.)
 Predicts the whole generation for every device count up to `max_devices` whose row patches
@@ -9,9 +10,10 @@ synchronous steps) and sync_patch, plus the one-device baseline; prints the `top
 their speedup, exposed communication and peak memory per rank (and whether it fits the
 device, where the preset gives its memory), then says where adding devices stops paying: the
 next doubling gains less than `GAIN_WORTH_IT`, or the peak memory per rank hardly shrinks
-(the stale K/V buffers of the whole image do not shrink with N). naive_patch is listed apart as
-a lower bound only: it drops the halo and the other patches' K/V, and its images are not
-acceptable. The last line is one JSON object (`advise`'s result).
+(the weights, the stale K/V of the whole image and the VAE decode of the whole image do not
+shrink with N). naive_patch is listed apart as a lower bound only: it drops the halo and the
+other patches' K/V, and its images are not acceptable. The last line is one JSON object
+(`advise`'s result).
 
 Each trace is recorded once: the warm-up count only changes `meta.warmup_steps`
 (`predict.with_warmup`), so a configuration's three warm-ups replay the same trace.
@@ -28,7 +30,6 @@ from .compute_model import CalibrationProfile
 from .hardware import Hardware
 from .predict import Prediction, predict
 
-MODES = ("displaced", "sync_patch")
 LOWER_BOUND_MODE = "naive_patch"  # quality not acceptable: a lower bound on latency only
 WARMUPS = (1, 2, 4)
 GAIN_WORTH_IT = 0.10  # a doubling of the devices that gains less does not pay
