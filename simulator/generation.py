@@ -33,12 +33,10 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .workload import DEFAULT_CACHE, code_version
+from .workload import DEFAULT_CACHE, cached_at, code_version
 
 SAMPLERS = ("ddim", "euler")  # distrifusion.pipeline_factory.SCHEDULER_KINDS, read without torch
 GUIDANCE_SCALE = 5.0  # conf/sampler's; any value > 1 runs the same ops
@@ -67,26 +65,12 @@ def versioned_path(kind: str, args: dict[str, Any], cache_dir: str | Path | None
     return Path(cache_dir or DEFAULT_CACHE).expanduser() / f"{kind}-{args['model']}-{args['resolution']}-{digest}.json"
 
 
-def cached(path: Path, make: Callable[[], dict]) -> dict:
-    """The JSON at `path`, or `make()` written there first (atomically: concurrent writers
-    never leave a half-written file)."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    data = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)
-    return data
-
-
 def load_or_record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool = True,
                           cache_dir: str | Path | None = None, sampler: str = "ddim") -> dict:
     """`{"text_encoders", "vae_decode", "scheduler_step"}` compute events and `memory` of one
     generation of `model` at a square `resolution` (module doc), cached."""
     args = stages_args(model, resolution, dtype, cfg, sampler)
-    return cached(versioned_path("stages", args, cache_dir), lambda: record_stages(**args))
+    return cached_at(versioned_path("stages", args, cache_dir), lambda: record_stages(**args))
 
 
 def stage_seconds(stages: dict, model: Any) -> dict[str, float]:

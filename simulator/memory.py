@@ -30,15 +30,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .generation import cached, load_or_record_stages, versioned_path
-from .workload import trace_args
+from .generation import load_or_record_stages, versioned_path
+from .workload import cached_at, trace_args
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # per stream, Hopper (module doc)
 
 
 def load_or_record_unet_memory(args: dict[str, Any], cache_dir: str | Path | None = None) -> dict:
     """The UNet's memory of normalised trace `args` (`workload.trace_args`), cached."""
-    return cached(versioned_path("memory", args, cache_dir), lambda: record_unet_memory(args))
+    return cached_at(versioned_path("memory", args, cache_dir), lambda: record_unet_memory(args))
 
 
 def record_unet_memory(args: dict[str, Any]) -> dict[str, int]:

@@ -20,8 +20,9 @@ row copies. The rank recorded is `unet_run.role_rank` (an interior one where pos
 A single device (world_size 1) is always recorded as mode "none": patching one rank would
 only add the slicing and the one-rank output gather. Traces are cached as JSON, keyed by
 every argument and `code_version()` (the trace format's version and a digest of the sources a
-trace is recorded from, so editing the algorithm re-records); `load_or_record` reads or fills
-the cache without importing torch when the trace is cached.
+trace is recorded from: editing the algorithm re-records, editing how traces are priced or
+shown does not); `load_or_record` reads or fills the cache without importing torch when the
+trace is cached.
 """
 
 from __future__ import annotations
@@ -53,14 +54,23 @@ def trace_args(model: str, resolution: int, world_size: int, mode: str, warmup_s
             "groupnorm": groupnorm, "split_cfg": bool(split_cfg), "dtype": dtype, "cfg": bool(cfg)}
 
 
+# the simulator's modules whose code shapes a recording (the rest only price or show it)
+RECORDING_MODULES = ("workload", "unet_run", "op_counter", "meta_memo", "ceiling", "full_token_attention",
+                     "generation", "memory", "live_memory")
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """`TRACE_VERSION` and a digest of the packages that produce a trace (found, not imported)."""
+    """`TRACE_VERSION` and a digest of the sources a recording runs (found, not imported):
+    `distrifusion`, `backends` and the simulator's `RECORDING_MODULES`."""
     digest = hashlib.sha256(TRACE_VERSION.encode())
-    for package in ("distrifusion", "backends", "simulator"):
-        folder = Path(importlib.util.find_spec(package).origin).parent
-        for source in sorted(folder.glob("*.py")):
-            digest.update(source.name.encode() + source.read_bytes())
+    sources = []
+    for package in ("distrifusion", "backends"):
+        sources += sorted(Path(importlib.util.find_spec(package).origin).parent.glob("*.py"))
+    here = Path(__file__).resolve().parent
+    sources += [here / f"{name}.py" for name in RECORDING_MODULES]
+    for source in sources:
+        digest.update(source.name.encode() + source.read_bytes())
     return f"{TRACE_VERSION}-{digest.hexdigest()[:16]}"
 
 
@@ -82,7 +92,11 @@ def load_or_record(model: str, resolution: int, world_size: int, mode: str, warm
 def cached(args: dict[str, Any], produce: Callable[[], dict], cache_dir: str | Path | None = None) -> dict:
     """The JSON cached under `args` (with `model`, `resolution`, `world_size`, `mode`), made by
     `produce()` and cached first if missing."""
-    path = cache_path(args, cache_dir)
+    return cached_at(cache_path(args, cache_dir), produce)
+
+
+def cached_at(path: Path, produce: Callable[[], dict]) -> dict:
+    """The JSON at `path`, or `produce()` written there first."""
     if path.is_file():
         return json.loads(path.read_text())
     data = produce()
