@@ -27,11 +27,6 @@ H100 = "h100_sxm_nvlink"
 TOLERANCE = 0.10  # the bar; the model's worst row is 6%
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("traces")
-
-
 @pytest.mark.parametrize("row", CEILING, ids=lambda r: f"{r['res']}px-n{r['n']}")
 def test_ceiling_step_within_10_percent_of_the_h100(cache, row):
     trace = load_or_record_ceiling("sdxl", row["res"], row["n"], split_cfg=False, cfg=False, cache_dir=cache)

@@ -23,12 +23,6 @@ from simulator.sweep import sweep_figure
 PARTS = ("text_encoders_s", "unet_s", "scheduler_s", "vae_decode_s")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A trace cache shared by this file (the app's subprocesses read it too)."""
-    return tmp_path_factory.mktemp("traces")
-
-
 def run_app(*overrides: str, cache, out) -> dict:
     """Run `python -m simulator ...`; return its last line, parsed."""
     cmd = [sys.executable, "-m", "simulator", *overrides, f"trace_cache={cache}", f"hydra.run.dir={out}"]

@@ -26,11 +26,6 @@ MATMULS = ("mm", "addmm", "bmm")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("generation")
-
-
-@pytest.fixture(scope="module")
 def sdxl(cache):
     """SDXL fp16, recorded once for this file (about 15 s): the stages at 3840 and the memory of
     the unpatched UNet at batch 1 (the ceiling file's N=1 rows) at 1024 and 3840."""

@@ -24,12 +24,6 @@ MATMUL_KINDS = ("convolution", "mm", "addmm", "bmm")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A trace cache shared by this file; the app's subprocesses find everything recorded here."""
-    return tmp_path_factory.mktemp("traces")
-
-
 def count(fn) -> OpCounter:
     """Run `fn` under a fresh counter; return the counter."""
     with OpCounter() as counter:
