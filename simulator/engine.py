@@ -1,8 +1,10 @@
 """The SimPy model: replay a recorded trace on modelled hardware.
 
-Per rank, as on a GPU, a compute stream and a comm stream. The compute stream is a SimPy
-process walking the trace (compute -> run the op's seconds of work, issue -> hand the
-collective to the comm stream, wait -> block until it completes). The comm stream runs its
+Per rank, as on a GPU, a compute stream and a comm stream, both driven by SimPy events. The
+compute stream walks the trace (compute -> run the op's seconds of work, issue -> hand the
+collective to the comm stream, wait -> block until it completes), step by step as the app runs
+them: eager before the CUDA graphs exist, then replays that wait for their own gathers
+(`_graph_schedule`). The comm stream runs its
 collectives one at a time in issue order. A collective starts once every rank of its group has
 it at the head of its comm stream, waits its latency (`topology.Plan`), then moves its bytes
 through the shared `FluidNetwork`. While a rank's comm stream runs a collective, its compute
