@@ -109,7 +109,10 @@ class Conditioning:
         """UNet keyword arguments for a batch of class `labels` (the last index is the "" prompt)."""
         return {
             "encoder_hidden_states": self.embeds[labels],
-            "added_cond_kwargs": {"text_embeds": self.pooled[labels], "time_ids": self.time_ids.expand(len(labels), -1)},
+            "added_cond_kwargs": {
+                "text_embeds": self.pooled[labels],
+                "time_ids": self.time_ids.expand(len(labels), -1),
+            },
         }
 
 
@@ -192,9 +195,9 @@ def train(
 
         return log
 
-    losses = {
-        "vae": optimise(pipe.vae, lambda: vae_loss(pipe.vae, vae_sampler(batch)[0], generator), vae_steps, 1e-3, logger("vae"))
-    }
+    losses = {"vae": optimise(
+        pipe.vae, lambda: vae_loss(pipe.vae, vae_sampler(batch)[0], generator), vae_steps, 1e-3, logger("vae")
+    )}
     pipe.vae.register_to_config(scaling_factor=latent_scale(pipe.vae, sampler, 64, generator))
     losses["unet"] = optimise(
         pipe.unet, lambda: unet_loss(pipe, cond, *sampler(batch), generator), unet_steps, 5e-4, logger("unet")
@@ -220,7 +223,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     pipe, losses = train(
-        args.vae_steps, args.unet_steps, args.batch, args.size, args.vae_size, args.seed, log_path=args.out / "train_log.csv"
+        args.vae_steps, args.unet_steps, args.batch, args.size, args.vae_size, args.seed,
+        log_path=args.out / "train_log.csv",
     )
     pipe.save_pretrained(args.out, safe_serialization=True)
     last = min(100, len(losses["unet"]))

@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_tiny  # noqa: E402
 
+sys.path.pop(0)
+
 from distrifusion.model_configs import get_spec  # noqa: E402
 from distrifusion.pipeline_factory import build_pipeline  # noqa: E402
 
