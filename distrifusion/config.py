@@ -30,6 +30,7 @@ class Task(Choice):
 
 class Dtype(Choice):
     float32 = "float32"
+    float64 = "float64"  # a reference for rounding studies (quality), on CPU
     float16 = "float16"
     bfloat16 = "bfloat16"
 
@@ -68,10 +69,16 @@ class SamplerConfig:
 
 @dataclass
 class QualityConfig:
-    """The quality study: these seeds under none, naive_patch and displaced per warm-up."""
+    """The quality study: per seed, `none` against the `baselines`, `displaced` at each of the
+    `warmups` (with parallel.groupnorm) and with each of the `groupnorms` (at parallel.warmup_steps);
+    the grid shows the first `grid_seeds` seeds, differences multiplied by `amplify`."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    warmups: list[int] = field(default_factory=lambda: [1, 4])
+    baselines: list[str] = field(default_factory=lambda: ["sync_patch", "naive_patch"])
+    warmups: list[int] = field(default_factory=lambda: [1, 2, 4])
+    groupnorms: list[str] = field(default_factory=lambda: ["separate", "stale", "corrected", "sync"])
+    grid_seeds: int = 4
+    amplify: float = 8.0
 
 
 @dataclass

@@ -42,12 +42,14 @@ def image_size(model: DictConfig) -> tuple[int, int]:
     return model.height or default, model.width or default
 
 
-def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig, seed: int) -> dict:
-    """Generate one image on every rank; returns images, latents and the measurements."""
+def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig, seed: int,
+                   progress: bool = True) -> dict:
+    """Generate one image on every rank; returns images, latents and the measurements. Rank 0
+    shows a progress bar if `progress`."""
     recorder = Recorder(comm)
     pipe = load_pipeline(cfg.model, comm.device)
     pipe.scheduler = build_scheduler(cfg.sampler.name, cfg.model.name)
-    pipe.set_progress_bar_config(disable=comm.rank != 0, desc=f"rank 0 of {comm.world_size}")
+    pipe.set_progress_bar_config(disable=not progress or comm.rank != 0, desc=f"rank 0 of {comm.world_size}")
     pipe = parallelize(pipe, recorder, parallel)
     marks, stamps, final = [0], [], {}
 
@@ -61,9 +63,10 @@ def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig
 
     height, width = image_size(cfg.model)
     generator = torch.Generator(comm.device).manual_seed(seed)
+    noise = initial_noise(pipe, height, width, generator)
     stamps.append(time.perf_counter())
     out = pipe(cfg.prompt, height=height, width=width, num_inference_steps=cfg.sampler.steps,
-               guidance_scale=cfg.sampler.guidance_scale, generator=generator, output_type="pt",
+               guidance_scale=cfg.sampler.guidance_scale, generator=generator, latents=noise, output_type="pt",
                callback_on_step_end=on_step_end)
     context = pipe.context
     return {
@@ -74,6 +77,15 @@ def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig
         "comm_buffer_bytes": context.allocated_bytes if context else 0,
         "peak_memory_bytes": _peak_memory(comm.device),
     }
+
+
+def initial_noise(pipe: Any, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """The starting latent noise, drawn in float32 and cast to the UNet's dtype, so one seed
+    starts every dtype from the same noise and their images can be compared."""
+    f = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, height // f, width // f)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(pipe.unet.dtype)
 
 
 def _bytes_per_step(recorder: Recorder, marks: list[int]) -> list[dict[str, int]]:

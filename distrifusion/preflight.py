@@ -21,9 +21,12 @@ from backends import Communicator
 from .config import Config, Task
 from .generate import image_size
 from .model_configs import get_spec
-from .parallel_config import ParallelConfig
+from .parallel_config import GROUPNORMS, ParallelConfig
 from .patch_unet import check_height
 from .pipeline_factory import build_scheduler
+
+
+BASELINES = ("sync_patch", "naive_patch")
 
 
 class ConfigError(ValueError):
@@ -64,6 +67,29 @@ def check_request(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(f"model.{key}={size}: the diffusers pipelines need a positive multiple of 8 "
                               f"(or leave it out: {spec.resolution} for model {cfg.model.name})")
     check_image_cut(cfg, parallel, world_size)
+    if cfg.task == Task.quality:
+        check_quality(cfg)
+
+
+def check_quality(cfg: DictConfig) -> None:
+    """Raise `ConfigError` unless the quality study names variants that exist, and can score them."""
+    q = cfg.quality
+    if not q.seeds:
+        raise ConfigError("quality.seeds=[]: the study needs at least one seed, e.g. quality.seeds=[0,1]")
+    if any(mode not in BASELINES for mode in q.baselines):
+        raise ConfigError(f"quality.baselines={list(q.baselines)}: each must be one of {BASELINES}")
+    if any(gn not in GROUPNORMS for gn in q.groupnorms):
+        raise ConfigError(f"quality.groupnorms={list(q.groupnorms)}: each must be one of {GROUPNORMS}")
+    if any(w < 0 for w in q.warmups):
+        raise ConfigError(f"quality.warmups={list(q.warmups)}: warm-up step counts must be >= 0")
+    if q.grid_seeds < 0 or q.amplify <= 0:
+        raise ConfigError(f"quality.grid_seeds={q.grid_seeds} quality.amplify={q.amplify:g}: the grid shows "
+                          "0 or more seeds, with differences multiplied by a positive factor")
+    try:
+        import skimage.metrics  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("task=quality scores SSIM with scikit-image, which is not installed: "
+                          "pip install 'distrifusion[quality]' (or scikit-image)") from e
 
 
 def check_ranks(comm: Communicator, cfg: DictConfig) -> None:

@@ -1,8 +1,11 @@
 """The `quality` task: how far patch-parallel images are from the single-device ones.
 
-For each seed it generates under `none` (the reference), `naive_patch` and `displaced` with
-each warm-up count, and reports the PSNR of the image and the relative error of the final
-latents against the reference (and LPIPS when the `lpips` package is installed).
+For each seed it generates the reference under `none`, then every variant the config names
+(`sync_patch`, `naive_patch`, `displaced` per warm-up count and per GroupNorm policy), and
+reports PSNR and SSIM of the image and the relative error of the final latents against the
+reference (and LPIPS when the `lpips` package is installed). Rank 0 writes `quality.json` and a
+picture grid, `quality_grid.png`: single device, displaced, naive, and their differences from
+the single-device image, amplified, because seams are judged by eye.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from backends import Communicator
 
 from .generate import run_generation
 from .parallel_config import ParallelConfig
+from .quality_grid import save_grid
 
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
@@ -26,8 +30,19 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean structural similarity (scikit-image) of two (1, 3, H, W) images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    def hwc(x: torch.Tensor):
+        return x[0].permute(1, 2, 0).double().cpu().numpy()
+
+    return float(structural_similarity(hwc(image), hwc(reference), channel_axis=2, data_range=1.0))
+
+
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm((x - reference).float()) / torch.linalg.vector_norm(reference.float())).item()
+    """||x - reference|| / ||reference||, in float64."""
+    return (torch.linalg.vector_norm((x - reference).double()) / torch.linalg.vector_norm(reference.double())).item()
 
 
 def _lpips():
@@ -38,47 +53,93 @@ def _lpips():
     return lpips.LPIPS(net="alex", verbose=False)
 
 
-def variants(cfg: DictConfig) -> list[tuple[str, ParallelConfig]]:
+def variants(cfg: DictConfig) -> dict[str, ParallelConfig]:
+    """The variants compared with `none`, by name: the baselines, `displaced` at each warm-up count
+    (with `parallel.groupnorm`), then each GroupNorm policy (at `parallel.warmup_steps`)."""
     base = OmegaConf.to_container(cfg.parallel)
-    found = [("naive_patch", ParallelConfig(**{**base, "mode": "naive_patch"}))]
-    for w in cfg.quality.warmups:
-        found.append((f"displaced (warm-up {w})", ParallelConfig(**{**base, "mode": "displaced", "warmup_steps": w})))
+    found = {mode: ParallelConfig(**{**base, "mode": mode}) for mode in cfg.quality.baselines}
+    runs = [(w, base["groupnorm"]) for w in cfg.quality.warmups]
+    runs += [(base["warmup_steps"], gn) for gn in cfg.quality.groupnorms]
+    for w, gn in dict.fromkeys(runs):
+        found[displaced_name(w, gn)] = ParallelConfig(**{**base, "mode": "displaced", "warmup_steps": w,
+                                                         "groupnorm": gn})
+    return found
+
+
+def displaced_name(warmup: int, groupnorm: str) -> str:
+    """The row name of `displaced` with this warm-up count and GroupNorm policy."""
+    return f"displaced w{warmup} {groupnorm}"
+
+
+def references(comm: Communicator, cfg: DictConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """The single-device image and final latents of every seed, each generated once, the seeds
+    dealt out over the ranks and all-gathered (mode `none` needs no other rank)."""
+    seeds = list(cfg.quality.seeds)
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(seeds), comm.world_size):
+        # a rank past the last seed repeats it, so no rank waits a whole generation in the gather
+        mine = seeds[min(start + comm.rank, len(seeds) - 1)]
+        with comm.split(comm.rank) as alone:  # a pipeline on N ranks returns rank 0's image
+            got = run_generation(alone, cfg, ParallelConfig(mode="none"), mine, progress=comm.rank == 0)
+        images = comm.all_gather(got["image"].contiguous(), tag="quality:reference")
+        latents = comm.all_gather(got["latents"].contiguous(), tag="quality:reference")
+        for r, seed in enumerate(seeds[start:start + comm.world_size]):
+            found[seed] = {"image": images[r], "latents": latents[r]}
     return found
 
 
 def quality(comm: Communicator, cfg: DictConfig) -> list[dict]:
-    """Run the study; rank 0 prints the table and writes `quality.json`."""
+    """Run the study; rank 0 prints the table and writes `quality.json` and `quality_grid.png`."""
     metric = _lpips() if comm.rank == 0 else None
-    rows = []
+    refs = references(comm, cfg)
+    shown = list(cfg.quality.seeds)[:cfg.quality.grid_seeds]
+    rows, kept = [], {}
     for seed in cfg.quality.seeds:
-        ref = run_generation(comm, cfg, ParallelConfig(mode="none"), seed)
-        for name, parallel in variants(cfg):
+        ref = refs[seed]
+        for name, parallel in variants(cfg).items():
             got = run_generation(comm, cfg, parallel, seed)
             row = {"seed": seed, "variant": name, "psnr_db": psnr(got["image"], ref["image"]),
+                   "ssim": ssim(got["image"], ref["image"]),
                    "latent_rel_err": relative_error(got["latents"], ref["latents"])}
             if metric is not None:
                 row["lpips"] = metric(got["image"].float().cpu() * 2 - 1, ref["image"].float().cpu() * 2 - 1).item()
             rows.append(row)
+            if seed in shown:
+                kept[(seed, name)] = got["image"]
     if comm.rank == 0:
-        summary = _summarise(rows)
-        print(f"quality vs none: {cfg.model.name}, {cfg.sampler.steps} steps, {comm.world_size} ranks, "
-              f"seeds {list(cfg.quality.seeds)}")
-        print(f"{'variant':<24}{'PSNR dB':>9}{'latent rel err':>16}")
-        for name, r in summary.items():
-            print(f"{name:<24}{r['psnr_db']:>9.2f}{r['latent_rel_err']:>16.2e}")
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "quality.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "rows": rows,
-                                                      "mean": summary}, indent=1, default=str))
-        print(json.dumps(summary))
+        _report(cfg, comm.world_size, rows, refs, kept, shown)
     return rows
 
 
-def _summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean of every metric per variant, over the seeds."""
+def _report(cfg: DictConfig, world_size: int, rows: list[dict], refs: dict, kept: dict, shown: list[int]) -> None:
+    summary = summarise(rows)
+    print(f"quality vs none: {cfg.model.name} ({cfg.model.path or 'random weights'}), "
+          f"{cfg.sampler.steps} steps, {world_size} ranks, seeds {list(cfg.quality.seeds)}")
+    print(f"{'variant':<28}{'PSNR dB':>9}{'± sd':>7}{'SSIM':>8}{'latent rel err':>16}")
+    for name, r in summary.items():
+        print(f"{name:<28}{r['psnr_db']:>9.2f}{r['psnr_db_sd']:>7.2f}{r['ssim']:>8.4f}{r['latent_rel_err']:>16.2e}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, enum_to_str=True),
+                                                  "world_size": world_size, "rows": rows, "mean": summary},
+                                                 indent=1, default=str))
+    displaced = displaced_name(cfg.parallel.warmup_steps, cfg.parallel.groupnorm)
+    columns = [name for name in (displaced, "naive_patch") if (shown and (shown[0], name) in kept)]
+    if columns:
+        grid = save_grid(out / "quality_grid.png", [refs[s]["image"] for s in shown],
+                         {name: [kept[(s, name)] for s in shown] for name in columns}, cfg.quality.amplify)
+        print(f"grid: {grid} (seeds {shown}; differences x{cfg.quality.amplify:g})")
+    print(json.dumps(summary))
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of every metric per variant over the seeds, and the PSNR's standard deviation."""
     summary: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         keys = [k for k in mine[0] if k not in ("seed", "variant")]
         summary[name] = {k: sum(r[k] for r in mine) / len(mine) for k in keys}
+        finite = [r["psnr_db"] for r in mine if math.isfinite(r["psnr_db"])]
+        mean = sum(finite) / len(finite) if finite else 0.0
+        summary[name]["psnr_db_sd"] = math.sqrt(sum((p - mean) ** 2 for p in finite) / len(finite)) if finite else 0.0
     return summary

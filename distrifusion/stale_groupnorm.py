@@ -1,8 +1,8 @@
 """GroupNorm over patches: per-patch moments, their exact combination, and the corrected
 stale estimate that DistriFusion uses after warm-up (see docs/algorithm.md).
 
-Statistics are kept per (sample, group) as a pair (mean, variance) in float32, whatever the
-activations' dtype. Row patches have equal sizes, so combining is an unweighted average unless
+Statistics are kept per (sample, group) as a pair (mean, variance) in float32 (float64 for
+float64 activations), whatever the activations' dtype. Row patches have equal sizes, so combining is an unweighted average unless
 weights are given. A patched GroupNorm reads its patch three times (two float32-accumulating
 reductions, one per-channel multiply-add that writes the output): 8 bytes per fp16 element,
 against 6 for the stock fused kernel.
@@ -21,19 +21,20 @@ if TYPE_CHECKING:
 
 
 def local_moments(x: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
-    """(B, G, 2) float32 [mean, variance] of `x`'s groups, whatever `x`'s dtype.
+    """(B, G, 2) float32 [mean, variance] of `x`'s groups, whatever `x`'s dtype (float64 stays float64).
 
     Two reductions that read `x` once each and accumulate and write float32 (on CUDA the
     half-to-float cast happens inside the reduction kernel, no float copy of `x`): as accurate
     as a float32 computation of the same tensor, which a half-precision fused GroupNorm kernel,
     returning its statistics in the input's dtype, is not.
     """
+    acc = torch.promote_types(x.dtype, torch.float32)
     groups = x.reshape(x.shape[0], gn.num_groups, -1)
     if x.device.type == "cpu":  # CPU reductions make this float32 copy anyway (and var's has gaps)
-        groups = groups.float()
-    var = torch.empty(groups.shape[:2], dtype=torch.float32, device=x.device)
+        groups = groups.to(acc)
+    var = torch.empty(groups.shape[:2], dtype=acc, device=x.device)
     torch.var(groups, dim=-1, correction=0, out=var)
-    return torch.stack([groups.mean(dim=-1, dtype=torch.float32), var], dim=-1)
+    return torch.stack([groups.mean(dim=-1, dtype=acc), var], dim=-1)
 
 
 def combine(moments: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +72,7 @@ def corrected(stale: torch.Tensor, own: int, fresh: torch.Tensor) -> torch.Tenso
 
 
 def normalize(x: torch.Tensor, stats: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm `gn` of `x` with given (B, G, 2) float32 group statistics, in `x`'s dtype.
+    """GroupNorm `gn` of `x` with given (B, G, 2) group statistics (float32 or float64), in `x`'s dtype.
 
     y = x * scale + shift per channel, with scale = weight / sqrt(var + eps) and
     shift = bias - mean * scale: one pass over `x`, computed in float32 (the form the fused
@@ -81,7 +82,7 @@ def normalize(x: torch.Tensor, stats: torch.Tensor, gn: nn.GroupNorm) -> torch.T
     scale = torch.rsqrt(stats[..., 1] + gn.eps)[..., None].expand(b, g, c // g)  # (B, G, C/G)
     shift = -stats[..., 0, None] * scale
     if gn.affine:
-        weight, bias = (p.detach().view(g, -1).float() for p in (gn.weight, gn.bias))
+        weight, bias = (p.detach().view(g, -1).to(stats.dtype) for p in (gn.weight, gn.bias))
         scale, shift = scale * weight, torch.addcmul(bias, shift, weight)
     shape = (b, c) + (1,) * (x.ndim - 2)
     return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape), out=torch.empty_like(x))

@@ -62,6 +62,11 @@ def config(*overrides: str) -> DictConfig:
     (("parallel.warmup_steps=-1",), 2, "ParallelConfig.warmup_steps must be >= 0"),
     (("task=allgather_demo", "demo.repeats=0"), 2, "demo.mib=64 demo.repeats=0: the demo gathers"),
     (("task=allgather_demo", "demo.mib=-1"), 2, "demo.mib=-1 demo.repeats=5: the demo gathers"),
+    (("task=quality", "quality.seeds=[]"), 2, "quality.seeds=[]: the study needs at least one seed"),
+    (("task=quality", "quality.baselines=[none]"), 2, "each must be one of ('sync_patch', 'naive_patch')"),
+    (("task=quality", "quality.groupnorms=[fresh]"), 2, "quality.groupnorms=['fresh']: each must be one of"),
+    (("task=quality", "quality.warmups=[-1]"), 2, "quality.warmups=[-1]: warm-up step counts must be >= 0"),
+    (("task=quality", "quality.amplify=0"), 2, "differences multiplied by a positive factor"),
 ])
 def test_a_request_that_cannot_run_says_what_to_change(overrides, world_size, message):
     with pytest.raises(ConfigError) as error:
@@ -76,6 +81,7 @@ def test_a_request_that_cannot_run_says_what_to_change(overrides, world_size, me
     (("parallel=none", "model.height=72"), 4),
     (("sampler.guidance_scale=0",), 2),
     (("task=allgather_demo",), 3),  # no image: 3 ranks need not cut one
+    (("task=quality", "quality.warmups=[]", "quality.groupnorms=[]"), 2),
 ])
 def test_a_request_that_can_run_passes(overrides, world_size):
     check_request(config(*overrides), world_size)
