@@ -66,6 +66,15 @@ def build_unet(
     return _build_module(partial(UNet2DConditionModel.from_config, config), "unet", seed, dtype, device)
 
 
+def build_vae(
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> AutoencoderKL:
+    """The VAE of model `name`: empty on the meta device, else with the random weights of `seed`
+    (those of the pipeline `build_pipeline(name, seed=seed)` builds)."""
+    config = copy.deepcopy(get_spec(name).vae)
+    return _build_module(partial(AutoencoderKL.from_config, config), "vae", seed, dtype, device)
+
+
 def build_pipeline(
     name: str,
     path: str | None = None,
@@ -92,10 +101,9 @@ def _random_components(
     name: str, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, seed: int
 ) -> dict[str, object]:
     """The pipeline's constructor arguments, every model with random weights."""
-    vae_config = copy.deepcopy(spec.vae)
     components: dict[str, object] = {
         "unet": build_unet(name, device, dtype, seed),
-        "vae": _build_module(partial(AutoencoderKL.from_config, vae_config), "vae", seed, dtype, device),
+        "vae": build_vae(name, device, dtype, seed),
         "scheduler": build_scheduler("ddim", name),
     }
     for i, encoder in enumerate(spec.text_encoders):
