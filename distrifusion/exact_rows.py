@@ -48,11 +48,12 @@ class RowSplit:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.rows: list[int] = []
         self.active = False
+        self._shares: dict[tuple, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def patched(self, rows: list[int]) -> Iterator[None]:
         """Within: the patched layers exchange with the other ranks, whose patches have `rows` rows."""
-        self.rows, self.active = rows, True
+        self.rows, self.active, self._shares = rows, True, {}
         try:
             yield
         finally:
@@ -60,11 +61,15 @@ class RowSplit:
 
     @property
     def exchanges_enabled(self) -> bool:
+        """Whether the layers exchange (what `PatchSelfAttention` asks its context)."""
         return self.active
 
     def shares(self, like: torch.Tensor) -> torch.Tensor:
-        """(N,) each patch's fraction of the rows, in `like`'s dtype and device."""
-        return torch.tensor(self.rows, dtype=like.dtype, device=like.device) / sum(self.rows)
+        """(N,) each patch's fraction of the rows, in `like`'s dtype and device (made once a call)."""
+        key = (like.dtype, like.device)
+        if key not in self._shares:
+            self._shares[key] = torch.tensor(self.rows, dtype=like.dtype, device=like.device) / sum(self.rows)
+        return self._shares[key]
 
     def gather(self, tensor: torch.Tensor, tag: str) -> torch.Tensor:
         """(N, *tensor.shape): `tensor` of every rank, now."""

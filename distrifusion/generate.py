@@ -52,10 +52,12 @@ def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig
     pipe.set_progress_bar_config(disable=not progress or comm.rank != 0, desc=f"rank 0 of {comm.world_size}")
     pipe = parallelize(pipe, recorder, parallel)
     marks, stamps, final = [0], [], {}
+    steps_peak = _PeakSince(comm.device)
 
     def on_step_end(_pipe, step, _t, kwargs):
         if comm.device.type == "cuda":
             torch.cuda.synchronize(comm.device)
+        steps_peak.restart()  # what follows the last step's end is the decode
         stamps.append(time.perf_counter())
         marks.append(len(recorder.records))
         final["latents"] = kwargs["latents"]
@@ -69,13 +71,16 @@ def run_generation(comm: Communicator, cfg: DictConfig, parallel: ParallelConfig
                guidance_scale=cfg.sampler.guidance_scale, generator=generator, latents=noise, output_type="pt",
                callback_on_step_end=on_step_end)
     context = pipe.context
+    vae_peak = steps_peak.since()
+    peak = _peak_memory(comm.device) if vae_peak is None else max(steps_peak.before, vae_peak)
     return {
         "image": out.images,
         "latents": final["latents"],
         "step_times_s": [b - a for a, b in zip(stamps, stamps[1:])],
         "bytes_per_step": _bytes_per_step(recorder, marks),
         "comm_buffer_bytes": context.allocated_bytes if context else 0,
-        "peak_memory_bytes": _peak_memory(comm.device),
+        "peak_memory_bytes": peak,
+        "vae_peak_memory_bytes": vae_peak,
     }
 
 
@@ -97,6 +102,22 @@ def _bytes_per_step(recorder: Recorder, marks: list[int]) -> list[dict[str, int]
             kinds[(rec.tag or rec.kind).split(":")[0]] += rec.bytes * (rec.group_size - 1)
         steps.append(dict(kinds))
     return steps
+
+
+class _PeakSince:
+    """On CUDA, the most memory allocated since the last `restart()` (`since()`), and before it
+    (`before`); elsewhere there is no resettable peak, and `since()` is None."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.before = device, 0
+
+    def restart(self) -> None:
+        if self.device.type == "cuda":
+            self.before = max(self.before, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def since(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -125,6 +146,7 @@ def generate(comm: Communicator, cfg: DictConfig) -> dict:
         "bytes_per_step": result["bytes_per_step"],
         "comm_buffer_bytes": result["comm_buffer_bytes"],
         "peak_memory_bytes": result["peak_memory_bytes"],
+        "vae_peak_memory_bytes": result["vae_peak_memory_bytes"],
     }
     if comm.rank == 0:
         out = Path(cfg.output_dir)
@@ -138,6 +160,7 @@ def generate(comm: Communicator, cfg: DictConfig) -> dict:
         print(f"{cfg.model.name} {parallel.mode} on {comm.world_size} ranks: {len(times)} steps in "
               f"{report['total_s']:.2f} s ({1e3 * sum(times) / len(times):.0f} ms/step); last step "
               f"exchanged {steady / 2**20:.2f} MiB per rank; wrote {out / stem}.png and .json")
-        print(json.dumps({k: report[k] for k in ("world_size", "total_s", "comm_buffer_bytes", "peak_memory_bytes")}
+        print(json.dumps({k: report[k] for k in ("world_size", "total_s", "comm_buffer_bytes", "peak_memory_bytes",
+                                                 "vae_peak_memory_bytes")}
                          | {"image": str(out / f"{stem}.png")}))
     return report

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 MODES = ("none", "naive_patch", "sync_patch", "displaced")
 GROUPNORMS = ("separate", "stale", "corrected", "sync")
 SPLITS = ("rows",)
+VAES = ("patch", "none")
 
 
 @dataclass
@@ -24,6 +25,11 @@ class ParallelConfig:
     split: how the latent is cut into patches ("rows": along the height).
     cuda_graph: on CUDA, replay steady steps (every step of mode none) as CUDA graphs (eager,
         with a log line, where capture is impossible).
+    vae: how the image is decoded when the UNet is patch-parallel: "patch" (every rank decodes
+        its rows, exactly, and the rows are gathered; `distrifusion.patch_vae`) or "none" (rank 0
+        decodes the whole latent and broadcasts the image). Mode "none" always decodes whole.
+    vae_chunk_mib: the patched decode runs each convolution in row chunks whose input is at most
+        this many MiB, which bounds its temporaries (0: whole patches).
     """
 
     mode: str = "displaced"
@@ -32,10 +38,14 @@ class ParallelConfig:
     split_cfg: bool = True
     split: str = "rows"
     cuda_graph: bool = True
+    vae: str = "patch"
+    vae_chunk_mib: int = 256
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS)):
+        for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS), ("vae", VAES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ParallelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.vae_chunk_mib < 0:
+            raise ValueError(f"ParallelConfig.vae_chunk_mib must be >= 0, got {self.vae_chunk_mib}")

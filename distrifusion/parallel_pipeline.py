@@ -14,6 +14,7 @@ from backends import Communicator
 from .parallel_config import ParallelConfig
 from .patch_context import PatchContext
 from .patch_unet import patch_unet, whole_unet
+from .patch_vae import patch_vae
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
@@ -22,9 +23,10 @@ class DistriPipeline:
     """A pipeline whose every call runs patch-parallel; call it as the wrapped pipeline.
 
     Every rank denoises its patch (mode "none": the whole latent, as one device would; on CUDA
-    every mode replays its steady steps as CUDA graphs); rank 0 alone decodes with the VAE and
-    broadcasts the image, so every rank returns the same result. Other attributes reach the
-    pipeline.
+    every mode replays its steady steps as CUDA graphs). With `config.vae` "patch" (and a patch
+    mode) every rank decodes its rows of the latent and gathers the image; otherwise rank 0
+    alone decodes and broadcasts it. Either way every rank returns the same image. Other
+    attributes reach the pipeline.
     """
 
     def __init__(self, pipe: Any, comm: Communicator, config: ParallelConfig):
@@ -35,6 +37,9 @@ class DistriPipeline:
             self.unet_forward.vae_factor = pipe.vae_scale_factor
         else:
             self.unet_forward = whole_unet(pipe.unet, config.cuda_graph)
+        self.vae_decode = None
+        if self.context is not None and config.vae == "patch":
+            self.vae_decode = patch_vae(pipe.vae, comm, config.vae_chunk_mib * 2**20)
         self._defaults = inspect.signature(type(pipe).__call__).parameters
 
     def __getattr__(self, name: str) -> Any:
@@ -48,7 +53,7 @@ class DistriPipeline:
             self.context.reset()
             guidance = kwargs.get("guidance_scale", self._defaults["guidance_scale"].default)
             self.unet_forward.split_guidance = guidance > 1
-        decode = output_type != "latent" and self.comm.rank == 0
+        decode = output_type != "latent" and (self.vae_decode is not None or self.comm.rank == 0)
         result = self.pipe(*args, output_type="pt" if decode else "latent", return_dict=True, **kwargs)
         if self.context is not None:
             self.context.finish()
@@ -63,9 +68,10 @@ class DistriPipeline:
         return result if return_dict else dataclasses.astuple(result)
 
     def _share_image(self, image: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor:
-        """Rank 0's decoded image, on every rank, in float32 (the VAE may decode half-precision
-        latents in float32; values in [0, 1] lose nothing in float32, and every rank agrees)."""
-        if self.comm.world_size == 1:
+        """Rank 0's decoded image (or every rank's, gathered by the patched decode), on every
+        rank, in float32 (the VAE may decode half-precision latents in float32; values in [0, 1]
+        lose nothing in float32, and every rank agrees)."""
+        if self.comm.world_size == 1 or self.vae_decode is not None:
             return image.float()
         if image is None:
             f = self.pipe.vae_scale_factor

@@ -31,6 +31,8 @@ def test_generate_writes_image_and_report(tmp_path):
     assert len(report["step_times_s"]) == 5 and report["peak_memory_bytes"] > 0
     assert set(report["bytes_per_step"][-1]) == {"conv", "attn", "norm", "output"}
     assert report["comm_buffer_bytes"] > 0 and report["config"]["parallel"]["mode"] == "displaced"
+    assert report["config"]["parallel"]["vae"] == "patch"
+    assert report["vae_peak_memory_bytes"] is None  # no resettable peak off CUDA
 
 
 @pytest.fixture(scope="module")

@@ -159,3 +159,29 @@ def test_patched_decode_on_launched_backends(launcher):
     errors = re.findall(r"rank (\d)/2: relative error ([-+.e0-9]+)", proc.stdout)
     assert sorted(r for r, _ in errors) == ["0", "1"], proc.stdout
     assert all(float(e) < EXACT for _, e in errors)
+
+
+def test_pipeline_decodes_on_every_rank_with_split_guidance():
+    """parallelize(pipe): with vae="patch" every rank (both guidance halves) decodes its rows and
+    returns the image rank 0's whole decode gives (vae="none"), within the float32 bound above
+    (the tiny VAE's float32 rounding is ~1e-6)."""
+    from backends.recording import Recorder
+    from distrifusion import ParallelConfig, parallelize
+    from distrifusion.pipeline_factory import build_pipeline
+    from distrifusion.rank_replica import replica
+
+    pipe = build_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+
+    def body(comm, vae: str):
+        rec = Recorder(comm)
+        mine = parallelize(replica(pipe), rec, ParallelConfig(mode="sync_patch", vae=vae))
+        image = mine("a lighthouse", height=64, width=64, num_inference_steps=2, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+        return image, any(r.tag == "output:vae" for r in rec.records)
+
+    (patch0, gathered0), (patch1, gathered1) = spawn(body, 2, "patch")
+    whole_image, gathered = spawn(body, 2, "none")[0]
+    assert gathered0 and gathered1 and not gathered
+    assert patch0.dtype == torch.float32 and torch.equal(patch0, patch1)
+    assert rel(patch0, whole_image) < (ROUNDING_FACTOR + 1) * 1e-6
