@@ -21,8 +21,10 @@ from backends import Communicator
 
 from .exact_rows import RowsConv2d, RowsGroupNorm, RowSplit, RowsSelfAttention, split_rows
 
+
 class PatchVAEDecode:
-    """The replacement `vae.decode(z, return_dict=True, generator=None)`: this rank's rows, then the gather."""
+    """The replacement `vae.decode(z, return_dict=True, generator=None)`: this rank's rows, then the
+    gather (`generator` is accepted as `AutoencoderKL.decode` accepts it; a decode draws nothing)."""
 
     def __init__(self, vae: AutoencoderKL, split: RowSplit):
         if vae.use_tiling:
