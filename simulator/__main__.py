@@ -48,7 +48,7 @@ def table(p: Prediction) -> str:
     lines.append(f"speedup {p.speedup:.2f}x (UNet loop {summary['unet_speedup']:.2f}x, compute-only ceiling "
                  f"{summary['ceiling_speedup']:.2f}x); text encoders "
                  f"{summary['text_encoders_s']:.3f}s, scheduler {summary['scheduler_s']:.3f}s, "
-                 f"VAE decode {summary['vae_decode_s']:.3f}s")
+                 f"VAE decode {summary['vae_decode_s']:.3f}s ({summary['vae_decode']})")
     lines.append(f"steady step {step} ({summary['rank_compute_ms_per_step']:.1f} ms of compute per rank, "
                  f"{summary['comm_hidden_fraction']:.0%} of comm hidden); peak memory "
                  f"{summary['peak_memory_gib_per_rank']:.2f} GiB per rank ({summary['peak_memory_phase']})")
@@ -94,10 +94,11 @@ def run_advise(cfg: DictConfig) -> dict:
     from .advise import advise
 
     hardware, profile, resolution = setting(cfg)
-    groupnorm = parallel_options(cfg.parallel)["groupnorm"]
+    options = parallel_options(cfg.parallel)
     return advise(cfg.model.name, resolution, hardware, cfg.max_devices or hardware.num_devices, cfg.steps,
-                  cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=groupnorm, profile=profile,
-                  cache_dir=cfg.trace_cache, graphs=cfg.graphs.value)
+                  cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=options["groupnorm"], profile=profile,
+                  cache_dir=cfg.trace_cache, graphs=cfg.graphs.value, vae=options["vae"],
+                  vae_chunk_mib=options["vae_chunk_mib"])
 
 
 def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, out_dir: Path) -> Path:

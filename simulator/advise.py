@@ -29,6 +29,7 @@ from typing import Any, Iterable
 from .compute_model import CalibrationProfile
 from .hardware import Hardware
 from .predict import Prediction, predict
+from .vae_decode import DEFAULT_CHUNK_MIB
 
 LOWER_BOUND_MODE = "naive_patch"  # quality not acceptable: a lower bound on latency only
 WARMUPS = (1, 2, 4)
@@ -90,7 +91,7 @@ def option(setup: Setup, p: Prediction) -> dict[str, Any]:
             "comm_hidden_fraction": s["comm_hidden_fraction"],
             "peak_memory_gib_per_rank": s["peak_memory_gib_per_rank"], "peak_memory_phase": s["peak_memory_phase"],
             "stale_buffer_gib_per_rank": s["stale_buffer_gib_per_rank"], "weights_gib_per_rank": s["weights_gib_per_rank"],
-            "vae_decode_gib": s["vae_decode_gib"],
+            "vae_decode_gib": s["vae_decode_gib"], "vae_decode": s["vae_decode"],
             "fits_in_memory": s["fits_in_memory"],
             "lower_bound": setup.mode == LOWER_BOUND_MODE}
 
@@ -130,7 +131,8 @@ def verdict(options: list[dict[str, Any]]) -> dict[str, Any]:
         a, b = flat
         kept = {"the weights": b["weights_gib_per_rank"],
                 "the stale activations (the whole image's K/V)": b["stale_buffer_gib_per_rank"],
-                "the VAE decode of the whole image (rank 0)": b["vae_decode_gib"]}
+                ("the VAE decode of rank 0's rows" if b["vae_decode"] == "patch"
+                 else "the VAE decode of the whole image (rank 0)"): b["vae_decode_gib"]}
         notes.append(f"from {_devices(a['devices'])} on, more devices hardly lower the peak memory per rank "
                      f"({a['peak_memory_gib_per_rank']:.1f} GiB on {a['devices']}, "
                      f"{b['peak_memory_gib_per_rank']:.1f} on {b['devices']}, at the {b['peak_memory_phase']}); "
@@ -147,8 +149,10 @@ def _devices(n: int) -> str:
 
 def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,
            dtype: str = "float16", groupnorm: str = "corrected", profile: CalibrationProfile | None = None,
-           cache_dir: str | Path | None = None, graphs: str = "cold", progress: bool = True) -> dict[str, Any]:
-    """Predict every setup of `setups` and rank them; the JSON `python -m simulator advise` prints.
+           cache_dir: str | Path | None = None, graphs: str = "cold", progress: bool = True, vae: str = "patch",
+           vae_chunk_mib: int = DEFAULT_CHUNK_MIB) -> dict[str, Any]:
+    """Predict every setup of `setups` and rank them (decoding as `vae`, `vae_chunk_mib` say: see
+    `predict`); the JSON `python -m simulator advise` prints.
 
     `configurations` holds the acceptable ones sorted by latency, `lower_bound` the naive_patch
     ones; then `verdict`'s keys (`stops_paying_at`, `memory_stops_shrinking_at`, `notes`).
@@ -160,11 +164,12 @@ def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, st
     for setup in _progress(todo, progress, f"{model} {resolution}px on {hardware.name}"):
         p = predict(model, resolution, setup.devices, setup.mode, hardware, steps,
                     warmup_steps=setup.warmup_steps or 1, groupnorm=groupnorm, split_cfg=setup.split_cfg, cfg=cfg,
-                    dtype=dtype, profile=profile, cache_dir=cache_dir, graphs=graphs)
+                    dtype=dtype, profile=profile, cache_dir=cache_dir, graphs=graphs, vae=vae,
+                    vae_chunk_mib=vae_chunk_mib)
         options.append(option(setup, p))
     options.sort(key=lambda o: (o["latency_s"], o["devices"]))  # a tie goes to fewer devices
     return {"model": model, "resolution": resolution, "hardware": hardware.name, "max_devices": max_devices,
-            "steps": steps, "dtype": dtype, "cfg": cfg, "graphs": graphs,
+            "steps": steps, "dtype": dtype, "cfg": cfg, "graphs": graphs, "vae": vae, "vae_chunk_mib": vae_chunk_mib,
             "configurations": [o for o in options if not o["lower_bound"]],
             "lower_bound": [o for o in options if o["lower_bound"]], **verdict(options)}
 

@@ -13,10 +13,11 @@ pipeline on the `meta` device and runs, under an `OpCounter` and a `LiveMemory`:
   latents doubled for the two guidance branches, `scale_model_input`, the guidance combine
   `uncond + g * (text - uncond)` and the sampler's `step`. Scalar arithmetic on the
   sampler's host-side tables (0-dim tensors only) is dropped: on a GPU it runs on the host.
-- `vae_decode`: what the pipeline does once the loop ends, as the app runs it (rank 0 alone,
-  `distrifusion.parallel_pipeline.DistriPipeline`): SDXL's pipeline casts a float16 VAE to
-  float32 first (`force_upcast`) and back after, the latents are unscaled and decoded, the
-  image is denormalised to [0, 1] (`postprocess`, output "pt") and shared in float32.
+- `vae_decode`: the whole decode, as one device runs it and as the app runs it when the UNet
+  is not patch-parallel or `parallel.vae=none` (rank 0 alone, then a broadcast of the image:
+  `distrifusion.parallel_pipeline.DistriPipeline`), `simulator.vae_decode.decode_on_meta`. The
+  patch-parallel decode (`parallel.vae=patch`, the default in patch modes) is recorded apart,
+  per rank count, by `simulator.vae_decode`.
 
 Each stage is a trace compute event (`{"type": "compute", "tag", "flops", "bytes", "ops"}`, as
 `ComputeModel.event_seconds` prices it) marked `"eager": True`: unlike the UNet's steady steps,
@@ -120,6 +121,7 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
     from .meta_memo import MetaMemo
     from .op_counter import OpCounter
     from .unet_run import latent_size
+    from .vae_decode import decode_on_meta, pipeline_decode_dtype
 
     args = stages_args(model, resolution, dtype, cfg, sampler)
     spec, torch_dtype, meta = get_spec(model), getattr(torch, dtype), torch.device("meta")
@@ -147,16 +149,8 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
         step = _event(counter, "scheduler step", lambda op: not _host_scalars_only(op))
 
         vae = pipe.vae
-        upcast = (spec.pipeline_class == "StableDiffusionXLPipeline" and torch_dtype == torch.float16
-                  and vae.config.force_upcast)
-        decode_dtype = torch.float32 if upcast else torch_dtype
-        vae.to(decode_dtype)
-        decode_weights = storage_bytes((*vae.parameters(), *vae.buffers()))
-        with LiveMemory() as decode_memory:
-            image = vae.decode(latents.to(decode_dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            pipe.image_processor.postprocess(image, output_type="pt").to(torch.float32)
-            del image
-        vae.to(torch_dtype)
+        decode_dtype = getattr(torch, pipeline_decode_dtype(model, dtype))
+        decode_weights, decode_peak = decode_on_meta(vae, latents, decode_dtype, pipe.image_processor)
         decode = _event(counter, "vae decode")
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     memory = {
@@ -164,7 +158,7 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
         "text_encoders_peak_bytes": text_memory.peak,
         "vae_weights_bytes": storage_bytes((*vae.parameters(), *vae.buffers())),
         "vae_decode_weights_bytes": decode_weights,
-        "vae_decode_peak_bytes": decode_memory.peak,
+        "vae_decode_peak_bytes": decode_peak,
         "vae_decode_dtype": str(decode_dtype).removeprefix("torch."),
     }
     meta_info = {**args, "version": code_version(), "tokens": spec.max_length, "latent": list(latent_shape)}

@@ -2,13 +2,15 @@
 
 The UNet loops of both come from recorded (cached) traces replayed by `simulate` on the same
 hardware; the baseline is the same model on one device in mode "none". The text encoders, the
-scheduler's per-step work and the VAE decode (`simulator.generation`, priced by the same compute
-model) run on every rank as on one device, so what a user waits for is
+scheduler's per-step work (`simulator.generation`, priced by the same compute model) run on every
+rank as on one device; the VAE decode too, unless it is patch-parallel (`vae` "patch" in a patch
+mode: `simulator.vae_decode`, its compute and its blocking collectives replayed by the engine),
+so what a user waits for is
 
     latency_s = text_encoders_s + unet_s + scheduler_s + vae_decode_s,
     scheduler_s = steps * (the sampler's kernels + the host's exposed time) per step
 
-and `speedup` is the baseline's latency_s over this one. `rank_compute_seconds` prices one
+and `speedup` is the baseline's latency_s over this one (the baseline decodes whole). `rank_compute_seconds` prices one
 rank's steady UNet step with no communication (what `shared/reference/h100_sdxl_displaced_step.json`
 measures); `ceiling_speedup` is the single device's step over the compute-only ceiling step of
 the same configuration (`simulator.ceiling`), the most any patch-parallel runtime could reach.
@@ -27,6 +29,8 @@ from typing import Any
 from .compute_model import CalibrationProfile, ComputeModel
 from .engine import SimResult, simulate
 from .hardware import Hardware, load_hardware
+from .memory import patched_decode
+from .vae_decode import DEFAULT_CHUNK_MIB
 from .workload import load_or_record
 
 GIB = 2**30
@@ -74,13 +78,21 @@ def _stages(model: str, resolution: int, dtype: str, cfg: bool, cache_dir: str |
     return load_or_record_stages(model, resolution, dtype=dtype, cfg=cfg, cache_dir=cache_dir)
 
 
+@functools.lru_cache(maxsize=64)
+def _decode(model: str, resolution: int, world_size: int, dtype: str, chunk_mib: int, cache_dir: str | None) -> dict:
+    from .vae_decode import load_or_record_decode
+
+    return load_or_record_decode(model, resolution, world_size, dtype, chunk_mib, cache_dir)
+
+
 @functools.lru_cache(maxsize=256)
 def _peak_memory(model: str, resolution: int, world_size: int, mode: str, split_cfg: bool, cfg: bool, dtype: str,
-                 warmup_steps: int, groupnorm: str, cache_dir: str | None) -> dict:
+                 warmup_steps: int, groupnorm: str, vae: str, vae_chunk_mib: int, cache_dir: str | None) -> dict:
     from .memory import peak_memory
 
     return peak_memory(model, resolution, world_size, mode, split_cfg=split_cfg, cfg=cfg, dtype=dtype,
-                       warmup_steps=warmup_steps, groupnorm=groupnorm, cache_dir=cache_dir)
+                       warmup_steps=warmup_steps, groupnorm=groupnorm, cache_dir=cache_dir, vae=vae,
+                       vae_chunk_mib=vae_chunk_mib)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,8 +129,8 @@ class Prediction:
 
     @property
     def stages(self) -> dict[str, float]:
-        """`generation.stage_seconds` on this hardware: `text_encoders_s`, `vae_decode_s`,
-        `scheduler_per_step_s`, `host_per_step_s`."""
+        """`generation.stage_seconds` on this hardware: `text_encoders_s`, `vae_decode_s` (the
+        whole decode, as the baseline runs it), `scheduler_per_step_s`, `host_per_step_s`."""
         def make() -> dict[str, float]:
             from .generation import stage_seconds
 
@@ -127,10 +139,32 @@ class Prediction:
             return stage_seconds(stages, ComputeModel(self.hardware.device, s["dtype"], self.profile))
         return self._once("stages", make)
 
-    def whole_latency_s(self, unet: SimResult) -> float:
-        """A generation's latency around the UNet loop `unet` (see the module docstring)."""
-        st = self.stages
-        return st["text_encoders_s"] + unet.latency_s + self.scheduler_s(unet.steps) + st["vae_decode_s"]
+    @property
+    def patched_decode(self) -> bool:
+        """Whether this run decodes patch-parallel (`memory.patched_decode`)."""
+        s = self.setup
+        return s["world_size"] > 1 and patched_decode(s["parallel"], s["vae"])
+
+    @property
+    def decode(self) -> dict[str, float]:
+        """This run's decode: `vae_decode_s`, `vae_compute_s`, `vae_comm_s` (exposed), patched
+        (`vae_decode.decode_seconds`) or whole (the stage's, no communication)."""
+        def make() -> dict[str, float]:
+            from .vae_decode import decode_seconds
+
+            s = self.setup
+            if not self.patched_decode:
+                return {"vae_decode_s": self.stages["vae_decode_s"], "vae_compute_s": self.stages["vae_decode_s"],
+                        "vae_comm_s": 0.0}
+            decode = _decode(s["model"], s["resolution"], s["world_size"], s["dtype"], s["vae_chunk_mib"],
+                             self.cache_dir)
+            return decode_seconds(decode, self.hardware, self.profile)
+        return self._once("decode", make)
+
+    def whole_latency_s(self, unet: SimResult, decode_s: float) -> float:
+        """A generation's latency around the UNet loop `unet` and a decode of `decode_s` (see the
+        module docstring)."""
+        return self.stages["text_encoders_s"] + unet.latency_s + self.scheduler_s(unet.steps) + decode_s
 
     def scheduler_s(self, steps: int) -> float:
         """The sampling loop's time outside the UNet over `steps` steps."""
@@ -138,11 +172,11 @@ class Prediction:
 
     @property
     def latency_s(self) -> float:
-        return self.whole_latency_s(self.result)
+        return self.whole_latency_s(self.result, self.decode["vae_decode_s"])
 
     @property
     def baseline_latency_s(self) -> float:
-        return self.whole_latency_s(self.baseline)
+        return self.whole_latency_s(self.baseline, self.stages["vae_decode_s"])
 
     @property
     def speedup(self) -> float:
@@ -183,11 +217,11 @@ class Prediction:
         s = self.setup
         return self._once("memory", lambda: _peak_memory(
             s["model"], s["resolution"], s["world_size"], s["parallel"], s["split_cfg"], s["cfg"], s["dtype"],
-            RECORDED_WARMUP, s["groupnorm"], self.cache_dir))
+            RECORDED_WARMUP, s["groupnorm"], s["vae"], s["vae_chunk_mib"], self.cache_dir))
 
     def summary(self) -> dict[str, Any]:
         """The figures `python -m simulator` prints as its JSON line (times in s unless named ms)."""
-        r, st = self.result, self.stages
+        r, st, decode = self.result, self.stages, self.decode
         step = steady_step_seconds(r)
         memory = self.memory
         peak = memory["peak_bytes"]
@@ -195,7 +229,8 @@ class Prediction:
         return {
             **self.setup,
             "latency_s": self.latency_s, "single_device_latency_s": self.baseline_latency_s, "speedup": self.speedup,
-            "unet_s": r.latency_s, "text_encoders_s": st["text_encoders_s"], "vae_decode_s": st["vae_decode_s"],
+            "unet_s": r.latency_s, "text_encoders_s": st["text_encoders_s"], "vae_decode_s": decode["vae_decode_s"],
+            "vae_decode_comm_s": decode["vae_comm_s"], "single_device_vae_decode_s": st["vae_decode_s"],
             "scheduler_s": self.scheduler_s(r.steps),
             "unet_speedup": self.baseline.latency_s / r.latency_s,
             "rank_compute_ms_per_step": self.rank_compute_s * 1e3,
@@ -207,7 +242,7 @@ class Prediction:
             "peak_memory_gib_per_rank": peak / GIB, "peak_memory_phase": memory["peak_phase"],
             "stale_buffer_gib_per_rank": memory["stale_buffer_bytes"] / GIB,
             "weights_gib_per_rank": memory["weights_bytes"] / GIB,
-            "vae_decode_gib": memory["vae_decode_peak_bytes"] / GIB,
+            "vae_decode_gib": memory["vae_decode_peak_bytes"] / GIB, "vae_decode": memory["vae_decode"],
             "device_memory_gib": capacity,
             "fits_in_memory": None if capacity is None else peak <= capacity * GIB,
         }
@@ -235,9 +270,11 @@ def with_warmup(trace: dict, warmup_steps: int) -> dict:
 def predict(model: str, resolution: int, world_size: int, parallel: str, hardware: Hardware, steps: int,
             warmup_steps: int = 4, groupnorm: str = "corrected", split_cfg: bool = True, cfg: bool = True,
             dtype: str = "float16", profile: CalibrationProfile | None = None,
-            cache_dir: str | Path | None = None, graphs: str = "cold") -> Prediction:
+            cache_dir: str | Path | None = None, graphs: str = "cold", vae: str = "patch",
+            vae_chunk_mib: int = DEFAULT_CHUNK_MIB) -> Prediction:
     """Simulate `model` on `world_size` devices of `hardware` in mode `parallel` and on one device,
-    `graphs` saying which steps replay CUDA graphs (`simulator.engine.GRAPHS`).
+    `graphs` saying which steps replay CUDA graphs (`simulator.engine.GRAPHS`), `vae` and
+    `vae_chunk_mib` how the image is decoded (`parallel.vae`, `parallel.vae_chunk_mib`).
 
     Both traces are read (or recorded) with the default warm-up count and replayed with
     `warmup_steps` (`with_warmup`), so predictions that differ only in it share their traces.
@@ -248,7 +285,8 @@ def predict(model: str, resolution: int, world_size: int, parallel: str, hardwar
     single = with_warmup(_trace(model, resolution, 1, "none", *common), warmup_steps)
     setup = {"model": model, "resolution": resolution, "world_size": world_size, "hardware": hardware.name,
              "parallel": parallel, "steps": steps, "dtype": dtype, "warmup_steps": warmup_steps,
-             "groupnorm": groupnorm, "split_cfg": split_cfg, "cfg": cfg, "graphs": graphs}
+             "groupnorm": groupnorm, "split_cfg": split_cfg, "cfg": cfg, "graphs": graphs, "vae": vae,
+             "vae_chunk_mib": vae_chunk_mib}
     return Prediction(simulate(trace, hardware, steps, profile, graphs=graphs),
                       simulate(single, hardware, steps, profile, graphs=graphs), setup, trace, single, hardware,
                       profile, cache)

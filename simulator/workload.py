@@ -56,7 +56,7 @@ def trace_args(model: str, resolution: int, world_size: int, mode: str, warmup_s
 
 # the simulator's modules whose code shapes a recording (the rest only price or show it)
 RECORDING_MODULES = ("workload", "unet_run", "op_counter", "meta_memo", "ceiling", "full_token_attention",
-                     "generation", "memory", "live_memory")
+                     "generation", "memory", "live_memory", "vae_decode")
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,12 +10,14 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from simulator import load_hardware
 from simulator.advise import advise, device_counts, verdict
 from simulator.compute_model import ComputeModel
+from simulator.config import parallel_options
 from simulator.engine import SimResult
 from simulator.predict import predict, rank_compute_seconds, steady_step_seconds
 from simulator.sweep import sweep_figure
@@ -58,8 +60,36 @@ def test_json_line_has_the_parts_of_the_latency_and_consistent_ratios(cache, tmp
     warm = predict("tiny", 64, 2, "displaced", load_hardware("a100_pcie"), 8, warmup_steps=2, split_cfg=False,
                    cache_dir=cache, graphs="warm").summary()
     assert s["graphs"] == "cold" and warm["graphs"] == "warm" and warm["unet_s"] < s["unet_s"]
-    # every rank runs the same text encoders, scheduler and VAE as the single device
-    assert all(one[k] == pytest.approx(s[k]) for k in ("text_encoders_s", "scheduler_s", "vae_decode_s"))
+    # every rank runs the same text encoders and scheduler as the single device; it decodes its rows
+    # (parallel.vae=patch, the default) or, with parallel.vae=none, the whole image as one device does
+    assert all(one[k] == pytest.approx(s[k]) for k in ("text_encoders_s", "scheduler_s"))
+    assert s["vae_decode"] == "patch" and s["vae_decode_comm_s"] > 0
+    assert s["single_device_vae_decode_s"] == pytest.approx(one["vae_decode_s"], rel=1e-12)
+    whole = predict("tiny", 64, 2, "displaced", load_hardware("a100_pcie"), 8, warmup_steps=2, split_cfg=False,
+                    cache_dir=cache, vae="none").summary()
+    assert whole["vae_decode"] == "whole" and whole["vae_decode_comm_s"] == 0
+    assert whole["vae_decode_s"] == pytest.approx(one["vae_decode_s"], rel=1e-12)
+    assert whole["latency_s"] - whole["vae_decode_s"] == pytest.approx(s["latency_s"] - s["vae_decode_s"], rel=1e-12)
+
+
+def test_parallel_options_read_the_decode_with_the_apps_defaults():
+    from omegaconf import OmegaConf
+
+    from distrifusion.parallel_config import VAES, ParallelConfig
+    from simulator.vae_decode import DEFAULT_CHUNK_MIB
+    from simulator.vae_decode import VAES as SIMULATOR_VAES
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "parallel"
+    app = ParallelConfig()
+    assert (DEFAULT_CHUNK_MIB, SIMULATOR_VAES) == (app.vae_chunk_mib, VAES)
+    default = parallel_options({"mode": "displaced"})
+    assert (default["vae"], default["vae_chunk_mib"]) == (app.vae, app.vae_chunk_mib)
+    for name, vae in (("displaced", "patch"), ("none", "none")):
+        assert parallel_options(OmegaConf.load(conf / f"{name}.yaml"))["vae"] == vae
+    assert parallel_options({"mode": "displaced", "vae": "none", "vae_chunk_mib": 0})["vae_chunk_mib"] == 0
+    for bad in ({"vae": "tiled"}, {"vae_chunk_mib": -1}, {"vae_chunk_mib": True}):
+        with pytest.raises(ValueError, match="parallel.vae"):
+            parallel_options({"mode": "displaced", **bad})
 
 
 def test_rank_compute_seconds_prices_the_steady_phase_only():
@@ -132,7 +162,7 @@ def test_verdict_stops_where_a_doubling_gains_under_ten_percent_or_memory_stays(
     def o(n: int, latency: float, memory: float, lower_bound: bool = False, fits=None) -> dict:
         return {"devices": n, "latency_s": latency, "peak_memory_gib_per_rank": memory, "peak_memory_phase": "denoise",
                 "stale_buffer_gib_per_rank": 1.0, "weights_gib_per_rank": 5.0, "vae_decode_gib": 0.0,
-                "lower_bound": lower_bound,
+                "vae_decode": "whole", "lower_bound": lower_bound,
                 "fits_in_memory": fits}
 
     v = verdict([o(1, 10, 20), o(2, 6, 12), o(4, 5.6, 11.5), o(8, 3, 11), o(8, 1, 1, lower_bound=True)])
