@@ -84,7 +84,7 @@ def stage_seconds(stages: dict, model: Any) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
+def quiet_loggers(*names: str) -> Iterator[None]:
     """Silence loggers `names` below errors: the factory warns of random weights (meta has
     none), diffusers of casting the VAE with `to()` (which its own pipeline does)."""
     loggers = [logging.getLogger(name) for name in names]
@@ -126,7 +126,7 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
     args = stages_args(model, resolution, dtype, cfg, sampler)
     spec, torch_dtype, meta = get_spec(model), getattr(torch, dtype), torch.device("meta")
     latent_shape = (1, spec.unet["in_channels"], *(latent_size(model, resolution),) * 2)
-    with _quiet("distrifusion", "diffusers"), torch.no_grad(), MetaMemo(), OpCounter() as counter:
+    with quiet_loggers("distrifusion", "diffusers"), torch.no_grad(), MetaMemo(), OpCounter() as counter:
         pipe = build_pipeline(model, dtype=torch_dtype, device=meta)
         counter.cut("set-up")
         with LiveMemory() as text_memory:

@@ -9,12 +9,12 @@ all-gathered; post-processing then runs on every rank on the whole image.
 
 `record_decode` runs that decode for rank 0 of `world_size` emulated ranks (rank 0 holds the
 most rows, `exact_rows.split_rows`): the real patched code on the `meta` device under an
-`OpCounter` cut at every collective (`workload._StepEvents`, as the UNet's trace is) and a
+`OpCounter` cut at every collective (`workload.StepEvents`, as the UNet's trace is) and a
 `LiveMemory`. The collectives are blocking and follow each other: each 3x3 convolution's edge
 rows, each GroupNorm's moments, the mid-block attention's K/V, then the image rows
 (`output:vae`). `decode_seconds` replays these events on the engine (every rank as rank 0,
-eager): the decode's time is its compute segments plus the collectives, none hidden. One
-world_size is the stock, unpatched decode. Recordings are cached like the stages
+eager): the decode's time is its compute segments plus the collectives, none hidden. A
+world_size of 1 records the stock, unpatched decode. Recordings are cached like the stages
 (`generation.versioned_path`); a cached one loads without torch.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from .compute_model import CalibrationProfile
 from .engine import simulate
-from .generation import _quiet, versioned_path
+from .generation import quiet_loggers, versioned_path
 from .hardware import Hardware
-from .workload import _StepEvents, cached_at
+from .workload import StepEvents, cached_at
 
 DEFAULT_CHUNK_MIB = 256  # distrifusion.ParallelConfig.vae_chunk_mib's default, read without torch
 VAES = ("patch", "none")  # distrifusion.parallel_config.VAES, read without torch
@@ -43,8 +43,7 @@ def decode_args(model: str, resolution: int, world_size: int, dtype: str = "floa
     if chunk_mib < 0:
         raise ValueError(f"chunk_mib must be >= 0, got {chunk_mib}")
     return {"model": model, "resolution": int(resolution), "world_size": int(world_size), "dtype": dtype,
-            "decode_dtype": decode_dtype,
-            "chunk_mib": int(chunk_mib) if world_size > 1 else 0}
+            "decode_dtype": decode_dtype, "chunk_mib": int(chunk_mib) if world_size > 1 else 0}
 
 
 def pipeline_decode_dtype(model: str, dtype: str) -> str:
@@ -102,8 +101,8 @@ def record_decode(model: str, resolution: int, world_size: int, dtype: str = "fl
     args = decode_args(model, resolution, world_size, dtype, decode_dtype, chunk_mib)
     decode_dtype = decode_dtype or pipeline_decode_dtype(model, dtype)
     counter = OpCounter()
-    events = _StepEvents(counter)
-    with _quiet("distrifusion", "diffusers"), torch.no_grad(), MetaMemo(), counter:
+    events = StepEvents(counter)
+    with quiet_loggers("distrifusion", "diffusers"), torch.no_grad(), MetaMemo(), counter:
         vae = build_vae(model, "meta", getattr(torch, dtype))
         if world_size > 1:
             recorder = Recorder(QuietEmulated(world_size, 0, "meta", counter), events.on_event)

@@ -108,7 +108,7 @@ def cached_at(path: Path, produce: Callable[[], dict]) -> dict:
     return data
 
 
-class _StepEvents:
+class StepEvents:
     """Recorder hook: per step, compute segments cut at every collective plus the collectives."""
 
     def __init__(self, counter: Any):
@@ -158,7 +158,7 @@ def record(model: str, resolution: int, world_size: int, mode: str, warmup_steps
 
     args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
     counter = OpCounter()
-    events = _StepEvents(counter)
+    events = StepEvents(counter)
     run = EmulatedUNet(model, resolution, world_size, args["mode"], counter, device="meta",
                        dtype=getattr(torch, dtype), cfg=cfg, warmup_steps=1, groupnorm=groupnorm,
                        split_cfg=split_cfg, on_event=events.on_event)
