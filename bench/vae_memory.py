@@ -2,53 +2,38 @@
 
     python bench/vae_memory.py [--sizes 3840x1,3840x8,10240x1,10240x8] [--chunks 0,256] [--dtypes float32,float16]
 
-Runs the real decode on the `meta` device under `simulator.live_memory.LiveMemory` (bytes of
-live tensors, as `torch.cuda.max_memory_allocated` counts them; fused attention stands in for
-the meta kernel's scores matrix, `simulator.op_counter`). N = 1 is the stock diffusers decode;
-N > 1 is rank 0 of the patched decode (`distrifusion.patch_vae`) on an emulated group: rank 0
-holds the most rows, its collectives' buffers are real. The peak is above the VAE's weights and
-the latent, and includes the gathered image. float32 is what the SDXL pipeline decodes in
-(`force_upcast`); float16 is for a VAE that decodes in half precision. Not counted: cuDNN's
-convolution workspaces (which the row chunks also bound) and the communication library's buffers.
+Runs the real decode on the `meta` device as the simulator records it
+(`simulator.vae_decode.record_decode`: bytes of live tensors, as `torch.cuda.max_memory_allocated`
+counts them; fused attention stands in for the meta kernel's scores matrix). N = 1 is the stock
+diffusers decode; N > 1 is rank 0 of the patched decode (`distrifusion.patch_vae`) on an
+emulated group: rank 0 holds the most rows, its collectives' buffers are real. The peak is above
+the VAE's weights and the latent, and includes the pipeline's unscaled latent, the gathered image
+and its post-processing. float32 is what the SDXL pipeline decodes in (`force_upcast`); float16
+is for a VAE that decodes in half precision. Not counted: cuDNN's convolution workspaces (which
+the row chunks also bound) and the communication library's buffers.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backends.emulated import EmulatedCommunicator  # noqa: E402
-from distrifusion.patch_vae import patch_vae  # noqa: E402
-from distrifusion.pipeline_factory import build_vae  # noqa: E402
-from simulator.live_memory import LiveMemory  # noqa: E402
-from simulator.meta_memo import MetaMemo  # noqa: E402
-from simulator.op_counter import OpCounter  # noqa: E402
+from simulator.vae_decode import record_decode  # noqa: E402
 
 GIB = 2**30
-MIB = 2**20
 
 
 def decode_peak_bytes(resolution: int, world_size: int, chunk_mib: int = 0, dtype: torch.dtype = torch.float32,
                       model: str = "sdxl") -> int:
-    """Peak bytes above weights and latent of one rank's decode of a `resolution`-square image:
-    the stock decode if `world_size` is 1, else rank 0 of the patched one with `chunk_mib` chunks."""
-    logging.getLogger("distrifusion").setLevel(logging.ERROR)
-    vae = build_vae(model, "meta", dtype)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    z = torch.empty(1, vae.config.latent_channels, resolution // factor, resolution // factor, dtype=dtype,
-                    device="meta")
-    if world_size > 1:
-        patch_vae(vae, EmulatedCommunicator(world_size, 0, "meta"), chunk_mib * MIB)
-    with torch.no_grad(), MetaMemo(), OpCounter(), LiveMemory() as memory:
-        image = vae.decode(z).sample
-        (image / 2 + 0.5).clamp(0, 1).to(torch.float32)  # the pipeline's post-processing
-        del image
-    return memory.peak
+    """Peak bytes above weights and latent of one rank's decode of a `resolution`-square image in
+    `dtype`: the stock decode if `world_size` is 1, else rank 0 of the patched one with
+    `chunk_mib` chunks (`simulator.vae_decode.record_decode`)."""
+    name = str(dtype).removeprefix("torch.")
+    return record_decode(model, resolution, world_size, name, name, chunk_mib)["memory"]["vae_decode_peak_bytes"]
 
 
 def main() -> None:
