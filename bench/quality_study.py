@@ -78,7 +78,8 @@ def table(cells: dict[Cell, dict]) -> str:
 
 
 def plot(cells: dict[Cell, dict], path: Path) -> None:
-    """PSNR against the rank count, one panel per (split CFG, resolution), one line per variant."""
+    """PSNR against the patches per image, one panel per (split CFG, resolution), one line per
+    variant; cells without patches (N = 2 with split CFG: exact) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,20 +88,21 @@ def plot(cells: dict[Cell, dict], path: Path) -> None:
     panels = list(dict.fromkeys((split, size) for split, _, size in cells))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), sharey=True, squeeze=False)
     for ax, (split, size) in zip(axes[0], panels):
-        mine = {n: c for (sp, n, s), c in cells.items() if (sp, s) == (split, size)}
+        mine = {n // 2 if split else n: c for (sp, n, s), c in cells.items() if (sp, s) == (split, size)}
+        mine = {patches: c for patches, c in mine.items() if patches > 1}
         for name in dict.fromkeys(v for c in mine.values() for v in c["mean"]):
             if name == "sync_patch":  # exact: its PSNR is fp32 rounding, off the chart
                 continue
-            ns = [n for n in mine if name in mine[n]["mean"]]
-            ax.plot(ns, [mine[n]["mean"][name]["psnr_db"] for n in ns], marker="o", label=name)
+            xs = [p for p in mine if name in mine[p]["mean"]]
+            ax.plot(xs, [mine[p]["mean"][name]["psnr_db"] for p in xs], marker="o", label=name)
         ax.set_title(f"{size} px ({size // TRAINING_SIZE}x training size){'' if split else ', no CFG split'}",
                      fontsize=10)
-        ax.set_xlabel("ranks N" + (" (N/2 patches per CFG branch)" if split else " (N patches)"))
+        ax.set_xlabel("row patches per image" + (" (N/2 ranks)" if split else " (N ranks)"))
         ax.set_xticks(sorted(mine))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("PSNR vs single device (dB)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
 
 
