@@ -29,7 +29,7 @@ from distrifusion.exact_rows import RowsConv2d, RowSplit, split_rows
 from distrifusion.patch_vae import patch_vae
 from distrifusion.pipeline_factory import build_vae
 from distrifusion.rank_replica import vae_replica
-from launchers import backend_of, run_ranks
+from launchers import LAUNCHERS, backend_of, run_ranks
 from strict_dtypes import StrictDtypes
 
 WORKER = Path(__file__).with_name("patch_vae_worker.py")
@@ -152,7 +152,7 @@ def test_convolution_in_row_chunks_equals_whole_convolution(chunk_rows):
     assert torch.allclose(out, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("launcher", ["torch", "mpich"])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_patched_decode_on_launched_backends(launcher):
     proc = run_ranks(launcher, 2, str(WORKER), backend_of(launcher), timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
