@@ -15,6 +15,9 @@ Parts, each with its own time budget; an error is recorded and the next item run
                N=1 app's denoising takes at most 1.03x the graph-replayed UNet step x steps.
   calibration  `simulator.calibrate.GraphCalibration` (ops timed inside the replayed graph) for
                N=1/2/4/8 displaced, written as a profile next to the results.
+  vae          the VAE decode in float32 (as SDXL's pipeline decodes) at 3840: whole, and rank 0
+               of N=8 patch-parallel (emulated ranks): seconds and peak memory above the weights
+               (issue 14; bench/vae_memory.py counts the same on meta).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ import gpu_bench  # noqa: E402
 from backends.emulated import EmulatedCommunicator  # noqa: E402
 from distrifusion import ParallelConfig, parallelize  # noqa: E402
 from distrifusion.parallel_config import MODES  # noqa: E402
-from distrifusion.pipeline_factory import build_pipeline  # noqa: E402
+from distrifusion.patch_vae import patch_vae  # noqa: E402
+from distrifusion.pipeline_factory import build_pipeline, build_vae  # noqa: E402
 from distrifusion.rank_replica import replica  # noqa: E402
 from simulator.calibrate import GraphCalibration, device_name, merge  # noqa: E402
 from simulator.compute_model import CalibrationProfile  # noqa: E402
@@ -70,15 +74,17 @@ class Plan:
     calibration_res: int
     calibration_world_sizes: tuple[int, ...]
     calibration_repeats: int
+    vae_res: int
+    vae_ranks: tuple[int, ...]
     budgets: dict[str, float]
 
 
 GPU = Plan("cuda", "sdxl", torch.float16, (torch.float16, torch.bfloat16), 1024, 8, (2, 4, 8),
-           tuple((r, n) for r in (1024, 2048) for n in (2, 4, 8)), 10, 3, 1024, 50, 1024, (1, 2, 4, 8), 3,
-           {"generations": 100, "per_rank": 110, "latency": 60, "calibration": 90})
+           tuple((r, n) for r in (1024, 2048) for n in (2, 4, 8)), 10, 3, 1024, 50, 1024, (1, 2, 4, 8), 3, 3840, (8,),
+           {"generations": 100, "per_rank": 110, "latency": 60, "calibration": 90, "vae": 45})
 DRY = Plan("cpu", "tiny", torch.float32, (torch.float16, torch.bfloat16), 32, 4, (2, 8),
-           ((64, 2), (64, 8), (128, 4)), 2, 1, 64, 3, 64, (1, 2), 1,
-           {"generations": 900, "per_rank": 900, "latency": 900, "calibration": 900})  # CPU float16 is slow
+           ((64, 2), (64, 8), (128, 4)), 2, 1, 64, 3, 64, (1, 2), 1, 70, (2,),
+           {"generations": 900, "per_rank": 900, "latency": 900, "calibration": 900, "vae": 900})  # CPU float16 is slow
 
 
 class Results:
@@ -239,12 +245,44 @@ def calibration(part: Part, plan: Plan, pipe: Any, out: Path) -> None:
         part.item(f"N={world_size}", lambda ws=world_size: configuration(ws))
 
 
+def vae_decodes(part: Part, plan: Plan) -> None:
+    """(e) the whole decode, then rank 0 of each N patch-parallel, timed on their second run."""
+    for n in (1, *plan.vae_ranks):
+        part.item(f"{plan.vae_res} N={n}", lambda n=n: decode_once(plan, n))
+
+
+def decode_once(plan: Plan, world_size: int) -> dict:
+    """Decode a `plan.vae_res`-square latent in float32 on rank 0 of `world_size` (1: stock
+    diffusers); seconds of the second of two runs, peak bytes above weights and latent (CUDA)."""
+    vae = build_vae(plan.model, plan.device, torch.float32)
+    if world_size > 1:
+        patch_vae(vae, EmulatedCommunicator(world_size, 0, plan.device), ParallelConfig().vae_chunk_mib * 2**20)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.randn(1, vae.config.latent_channels, plan.vae_res // factor, plan.vae_res // factor,
+                          device=plan.device)
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        for _ in range(2):  # the first run pays for cuDNN's algorithm search
+            gpu_bench.release(plan.device)
+            base = torch.cuda.memory_allocated(plan.device) if is_cuda(plan.device) else 0
+            wait(plan.device)
+            start = time.perf_counter()
+            image = vae.decode(latents, return_dict=False)[0]
+            wait(plan.device)
+            result["decode_s"] = time.perf_counter() - start
+            if is_cuda(plan.device):
+                result["peak_gib"] = (torch.cuda.max_memory_allocated(plan.device) - base) / 2**30
+            result["image_shape"] = list(image.shape)
+            del image
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI; the exit status is 1 if any measurement failed (all were still attempted)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, tiny sizes")
-    parser.add_argument("--parts", nargs="+", default=["generations", "per_rank", "latency", "calibration"])
+    parser.add_argument("--parts", nargs="+", default=["generations", "per_rank", "latency", "calibration", "vae"])
     args = parser.parse_args(argv)
     plan = DRY if args.dry_run else GPU
     if args.dry_run:
@@ -261,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = {"generations": lambda p: generations(p, plan, pipe),
              "per_rank": lambda p: per_rank_table(p, plan, pipe),
              "latency": lambda p: latency(p, plan, pipe),
-             "calibration": lambda p: calibration(p, plan, pipe, args.out)}
+             "calibration": lambda p: calibration(p, plan, pipe, args.out),
+             "vae": lambda p: vae_decodes(p, plan)}
     failures = 0
     for name in args.parts:
         part = Part(results, name, plan.budgets[name], plan.device)

@@ -22,5 +22,5 @@ if [ -d .whl ] && ! "$python" -c "import diffusers, simpy" 2>/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# the parts' budgets add up to 6 minutes; past 7m50s everything stops, what was measured stays
+# the parts' budgets add up to 6m45s; past 7m50s everything stops, what was measured stays
 timeout --signal=INT --kill-after=10 470 "$python" bench/gpu_session.py --out "$out" "$@" 2>&1 | tee "$out/gpu_session.log"

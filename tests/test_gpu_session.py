@@ -62,6 +62,11 @@ def test_the_dry_run_measures_every_part(dry_run):
     (profile,) = profiles
     assert len(CalibrationProfile.load(out / profile).entries) > 0
 
+    vae = parts["vae"]  # 70 px: 35 latent rows, dealt 18 and 17
+    assert set(vae) == {"70 N=1", "70 N=2"}
+    for name, item in vae.items():
+        assert item["ok"] and item["decode_s"] > 0 and item["image_shape"] == [1, 3, 70, 70], (name, item)
+
 
 def test_a_failing_or_late_item_is_recorded_and_the_rest_still_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
