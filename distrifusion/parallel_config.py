@@ -8,6 +8,7 @@ MODES = ("none", "naive_patch", "sync_patch", "displaced")
 GROUPNORMS = ("separate", "stale", "corrected", "sync")
 SPLITS = ("rows",)
 VAES = ("patch", "none")
+COMPRESSIONS = ("none", "fp8", "int8")
 
 
 @dataclass
@@ -30,6 +31,12 @@ class ParallelConfig:
         decodes the whole latent and broadcasts the image). Mode "none" always decodes whole.
     vae_chunk_mib: the patched decode runs each convolution in row chunks whose input is at most
         this many MiB, which bounds its temporaries (0: whole patches).
+    compress: how displaced steps send K/V and halo rows: "none" (the model's dtype), "fp8"
+        (e4m3) or "int8", with a float32 scale per block of 128 values (`distrifusion.compression`);
+        the received stale buffers stay 8-bit until a layer reads them. Warm-up steps and
+        GroupNorm statistics are never compressed.
+    delta: with `compress`, send the change since the last step instead of the values; every
+        rank then keeps full-precision copies of all patches (more memory, less error).
     """
 
     mode: str = "displaced"
@@ -40,12 +47,17 @@ class ParallelConfig:
     cuda_graph: bool = True
     vae: str = "patch"
     vae_chunk_mib: int = 256
+    compress: str = "none"
+    delta: bool = False
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS), ("vae", VAES)):
+        for name, allowed in (("mode", MODES), ("groupnorm", GROUPNORMS), ("split", SPLITS), ("vae", VAES),
+                              ("compress", COMPRESSIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ParallelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.vae_chunk_mib < 0:
             raise ValueError(f"ParallelConfig.vae_chunk_mib must be >= 0, got {self.vae_chunk_mib}")
+        if self.delta and self.compress == "none":
+            raise ValueError("ParallelConfig.delta=true needs compress=fp8 or int8 (uncompressed values are exact)")

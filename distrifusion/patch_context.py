@@ -55,6 +55,10 @@ class Exchange:
             self.pending.wait()
             self.pending = None
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors this exchange keeps between steps (what its stale state costs in memory)."""
+        return [] if self.buffer is None else [self.buffer]
+
 
 class PatchContext:
     """State shared by the patched layers of one model on one rank.
@@ -114,9 +118,13 @@ class PatchContext:
         return self.config.groupnorm
 
     def exchange(self, tag: str) -> Exchange:
-        ex = Exchange(self, tag)
-        self.exchanges.append(ex)
-        return ex
+        """A new uncompressed exchange named `tag`, registered."""
+        return self.register(Exchange(self, tag))
+
+    def register(self, exchange: Exchange) -> Exchange:
+        """Keep `exchange` so that `finish` waits for it; returns it."""
+        self.exchanges.append(exchange)
+        return exchange
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A communication buffer; counted, so tests can check steady steps allocate none."""

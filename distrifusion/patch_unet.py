@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from .compressed_exchange import activation_exchange
 from .cuda_graph import StepGraphs
 from .patch_attention import PatchSelfAttention
 from .patch_context import PatchContext
@@ -141,11 +142,11 @@ def patch_unet(unet: UNet2DConditionModel, ctx: PatchContext) -> PatchUNetForwar
     """Install patch-aware forwards on `unet`'s layers and on `unet` itself; returns the latter."""
     for name, module in unet.named_modules():
         if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and module.padding[0] > 0:
-            module.forward = PatchConv2d(module, ctx, ctx.exchange(f"conv:{name}"))
+            module.forward = PatchConv2d(module, ctx, activation_exchange(ctx, f"conv:{name}"))
         elif isinstance(module, nn.GroupNorm):
             module.forward = PatchGroupNorm(module, ctx, ctx.exchange(f"norm:{name}"))
         elif isinstance(module, Attention) and not module.is_cross_attention:
-            module.set_processor(PatchSelfAttention(ctx, ctx.exchange(f"attn:{name}")))
+            module.set_processor(PatchSelfAttention(ctx, activation_exchange(ctx, f"attn:{name}")))
     forward = PatchUNetForward(unet, ctx)
     unet.forward = forward
     return forward
