@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from .patch_unet import patch_unet, whole_unet
 from .patch_vae import patch_vae
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
+log = logging.getLogger("distrifusion")
 
 
 class DistriPipeline:
@@ -89,6 +91,9 @@ def parallelize(model: Any, comm: Communicator, config: ParallelConfig | None = 
     `unet.forward.ctx.reset()` starts a new generation.
     """
     config = config or ParallelConfig()
+    if config.compress != "none" and config.mode != "displaced" and comm.rank == 0:
+        log.warning("parallel.compress=%s has no effect in mode %s: only displaced steps send stale activations",
+                    config.compress, config.mode)
     if isinstance(model, SUPPORTED_PIPELINES):
         return DistriPipeline(model, comm, config)
     if isinstance(model, UNet2DConditionModel):
