@@ -7,7 +7,8 @@ CUDA-only calls with the tiny model in seconds (tests/test_gpu_session.py runs i
 
 Parts, each with its own time budget; an error is recorded and the next item runs:
   generations  fp16 and bf16 CFG generations through the app path: N=1 (`ParallelConfig(
-               mode="none")`, graph-replayed) and one emulated rank of N=2/4/8 in every mode;
+               mode="none")`, graph-replayed) and one emulated rank of N=2/4/8 in every mode, and of
+               N=8 displaced with compress int8, fp8 and int8 + delta (issue 15);
                "ok" (no crash), per-step times, whether the steady steps were graph-replayed.
   per_rank     one rank's steady displaced step vs its ideal patch compute (bench/gpu_bench.py)
                at 1024 and 2048 for N=2/4/8.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -181,18 +183,23 @@ def generations(part: Part, plan: Plan, pipe: Any) -> None:
     interleaved, so that a spent budget leaves both with results)."""
     typed = {dtype: pipe if dtype == plan.dtype else copy.deepcopy(pipe).to(dtype=dtype)
              for dtype in plan.generation_dtypes}
-    configs = [(1, "none")] + [(n, mode) for n in plan.ranks for mode in MODES if mode != "none"]
-    for n, mode in configs:
+    runs = [(1, ParallelConfig(mode="none"))]
+    runs += [(n, ParallelConfig(mode=m)) for n in plan.ranks for m in MODES if m != "none"]
+    runs += [(plan.ranks[-1], ParallelConfig(compress=c, delta=d)) for c, d in (("int8", False), ("fp8", False),
+                                                                               ("int8", True))]
+    for n, config in runs:
+        name = f"N={n} {config.mode}" + (f" {config.compress}" + " delta" * config.delta) * (config.compress != "none")
+        config = dataclasses.replace(config, warmup_steps=1)
         for dtype, dtype_pipe in typed.items():
-            def run(n: int = n, mode: str = mode, dtype_pipe: Any = dtype_pipe) -> dict:
+            def run(n: int = n, config: ParallelConfig = config, dtype_pipe: Any = dtype_pipe) -> dict:
                 comm = EmulatedCommunicator(n, rank=gpu_bench.bench_rank(n), device=plan.device)
-                ours = parallelize(replica(dtype_pipe), comm, ParallelConfig(mode=mode, warmup_steps=1))
+                ours = parallelize(replica(dtype_pipe), comm, config)
                 # rank 0 decodes (N=1 shows the VAE); another rank's image would be a broadcast's
                 result = generate(ours, plan, plan.generation_steps, plan.generation_res, "pt" if n == 1 else "latent")
                 steady = result["step_ms"][3:]  # after the synchronous, first eager and capturing steps
                 return {**result, "steady_step_ms": statistics.median(steady) if steady else None,
                         "graphed": graphed_steps(ours, plan.device), "rank": comm.rank}
-            part.item(f"{str(dtype).removeprefix('torch.')} N={n} {mode}", run)
+            part.item(f"{str(dtype).removeprefix('torch.')} {name}", run)
 
 
 def per_rank_table(part: Part, plan: Plan, pipe: Any) -> None:

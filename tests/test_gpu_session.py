@@ -41,7 +41,8 @@ def test_the_dry_run_measures_every_part(dry_run):
 
     generations = parts["generations"]
     expected = {f"{dtype} N={n} {mode}" for dtype in ("float16", "bfloat16")
-                for n, mode in [(1, "none")] + [(n, m) for n in (2, 8) for m in MODES]}
+                for n, mode in [(1, "none")] + [(n, m) for n in (2, 8) for m in MODES]
+                + [(8, f"displaced {c}") for c in ("int8", "fp8", "int8 delta")]}
     assert set(generations) == expected
     for name, item in generations.items():
         assert item["ok"] and item["finite"], (name, item)
