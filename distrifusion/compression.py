@@ -11,7 +11,8 @@ precision in its own block only. Overhead: 4 / `BLOCK` bytes per element (3%).
 
 Error per element, |x| ≤ m (the block's largest magnitude), before rounding to the output
 dtype: int8 at most m / 254 (half a step of m / 127); fp8 e4m3 at most |x| / 16 (3 mantissa
-bits) or, below e4m3's normal range, m / 448 * 2^-10.
+bits) or, below e4m3's normal range, m / 448 * 2^-10. (A block with m so small that m / 448
+underflows float32, below 6e-43, decodes as zeros.)
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class BlockCodec:
         items = x.numel() // self.numel
         flat = x.reshape(items, self.numel).float()
         blocks = torch.nn.functional.pad(flat, (0, self.blocks * BLOCK - self.numel)).view(items, self.blocks, BLOCK)
-        peak = blocks.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(peak > 0, peak / self.code_max, torch.ones_like(peak))
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / self.code_max
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowing) blocks: zeros
         scaled = (blocks / scale).clamp(-self.code_max, self.code_max)
         codes = (scaled.round() if self.kind == "int8" else scaled).to(self.code_dtype)
         if out is None:
