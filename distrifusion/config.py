@@ -70,13 +70,17 @@ class SamplerConfig:
 @dataclass
 class QualityConfig:
     """The quality study: per seed, `none` against the `baselines`, `displaced` at each of the
-    `warmups` (with parallel.groupnorm) and with each of the `groupnorms` (at parallel.warmup_steps);
-    the grid shows the first `grid_seeds` seeds, differences multiplied by `amplify`."""
+    `warmups` (with parallel.groupnorm) and with each of the `groupnorms` (at parallel.warmup_steps),
+    and `displaced` (at both) sending each of the `compressions` (parallel.compress) with each of
+    the `deltas` (parallel.delta); the grid shows the first `grid_seeds` seeds, differences
+    multiplied by `amplify`."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     baselines: list[str] = field(default_factory=lambda: ["sync_patch", "naive_patch"])
     warmups: list[int] = field(default_factory=lambda: [1, 2, 4])
     groupnorms: list[str] = field(default_factory=lambda: ["separate", "stale", "corrected", "sync"])
+    compressions: list[str] = field(default_factory=lambda: ["fp8", "int8"])
+    deltas: list[bool] = field(default_factory=lambda: [False])
     grid_seeds: int = 4
     amplify: float = 8.0
 

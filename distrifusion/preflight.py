@@ -21,12 +21,13 @@ from backends import Communicator
 from .config import Config, Task
 from .generate import image_size
 from .model_configs import get_spec
-from .parallel_config import GROUPNORMS, ParallelConfig
+from .parallel_config import COMPRESSIONS, GROUPNORMS, ParallelConfig
 from .patch_unet import check_height
 from .pipeline_factory import build_scheduler
 
 
 BASELINES = ("sync_patch", "naive_patch")
+COMPRESSED = tuple(kind for kind in COMPRESSIONS if kind != "none")  # the study always runs "none"
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,12 @@ def check_quality(cfg: DictConfig) -> None:
         raise ConfigError(f"quality.groupnorms={list(q.groupnorms)}: each must be one of {GROUPNORMS}")
     if any(w < 0 for w in q.warmups):
         raise ConfigError(f"quality.warmups={list(q.warmups)}: warm-up step counts must be >= 0")
+    if any(kind not in COMPRESSED for kind in q.compressions):
+        raise ConfigError(f"quality.compressions={list(q.compressions)}: each must be one of {COMPRESSED} "
+                          "(uncompressed displaced runs are always in the study)")
+    if q.compressions and not q.deltas:
+        raise ConfigError(f"quality.compressions={list(q.compressions)} quality.deltas=[]: each compression "
+                          "runs with each of the deltas; give [false], [true] or [false,true]")
     if q.grid_seeds < 0 or q.amplify <= 0:
         raise ConfigError(f"quality.grid_seeds={q.grid_seeds} quality.amplify={q.amplify:g}: the grid shows "
                           "0 or more seeds, with differences multiplied by a positive factor")

@@ -1,17 +1,21 @@
 """The `quality` task: how far patch-parallel images are from the single-device ones.
 
 For each seed it generates the reference under `none`, then every variant the config names
-(`sync_patch`, `naive_patch`, `displaced` per warm-up count and per GroupNorm policy), and
-reports PSNR and SSIM of the image and the relative error of the final latents against the
-reference (and LPIPS when the `lpips` package is installed). Rank 0 writes `quality.json` and a
-picture grid, `quality_grid.png`: single device, displaced, naive, and their differences from
-the single-device image, amplified, because seams are judged by eye.
+(`sync_patch`, `naive_patch`, `displaced` per warm-up count and per GroupNorm policy and per
+compression of what it sends), and reports PSNR and SSIM of the image and the relative error of
+the final latents against the reference (and LPIPS when the `lpips` package is installed).
+Compressed variants are also scored against uncompressed `displaced`, and that against
+`sync_patch` (`compared_with`): compression is cheap when its error is below displacement's.
+Rank 0 writes `quality.json` and a picture grid, `quality_grid.png`: single device, displaced,
+naive, and their differences from the single-device image, amplified, because seams are judged
+by eye.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -55,20 +59,43 @@ def _lpips():
 
 def variants(cfg: DictConfig) -> dict[str, ParallelConfig]:
     """The variants compared with `none`, by name: the baselines, `displaced` at each warm-up count
-    (with `parallel.groupnorm`), then each GroupNorm policy (at `parallel.warmup_steps`)."""
-    base = OmegaConf.to_container(cfg.parallel)
+    (with `parallel.groupnorm`), then each GroupNorm policy (at `parallel.warmup_steps`), all
+    uncompressed, then `displaced` at `parallel.warmup_steps` and `parallel.groupnorm` sending each
+    compression with each delta setting."""
+    base = {**OmegaConf.to_container(cfg.parallel), "compress": "none", "delta": False}
     found = {mode: ParallelConfig(**{**base, "mode": mode}) for mode in cfg.quality.baselines}
     runs = [(w, base["groupnorm"]) for w in cfg.quality.warmups]
     runs += [(base["warmup_steps"], gn) for gn in cfg.quality.groupnorms]
+    runs += [(base["warmup_steps"], base["groupnorm"])] if cfg.quality.compressions else []
     for w, gn in dict.fromkeys(runs):
         found[displaced_name(w, gn)] = ParallelConfig(**{**base, "mode": "displaced", "warmup_steps": w,
                                                          "groupnorm": gn})
+    for kind in cfg.quality.compressions:
+        for delta in dict.fromkeys(cfg.quality.deltas):
+            found[displaced_name(base["warmup_steps"], base["groupnorm"], kind, delta)] = ParallelConfig(
+                **{**base, "mode": "displaced", "compress": kind, "delta": delta})
     return found
 
 
-def displaced_name(warmup: int, groupnorm: str) -> str:
-    """The row name of `displaced` with this warm-up count and GroupNorm policy."""
-    return f"displaced w{warmup} {groupnorm}"
+def displaced_name(warmup: int, groupnorm: str, compress: str = "none", delta: bool = False) -> str:
+    """The row name of `displaced` with this warm-up count, GroupNorm policy and compression."""
+    return f"displaced w{warmup} {groupnorm}" + ("" if compress == "none" else f" {compress}") + " delta" * delta
+
+
+def compared_with(cfg: DictConfig, found: dict[str, ParallelConfig]) -> dict[str, str]:
+    """The variant each of `found` is also scored against: every compressed `displaced` against the
+    uncompressed one at the same settings, and that against `sync_patch` (when both are there)."""
+    plain = displaced_name(cfg.parallel.warmup_steps, cfg.parallel.groupnorm)
+    pairs = {name: plain for name, parallel in found.items() if parallel.compress != "none"}
+    if pairs and "sync_patch" in found:
+        pairs[plain] = "sync_patch"
+    return pairs
+
+
+def scores(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """PSNR of the image and relative error of the final latents of a generation against another."""
+    return {"psnr_db": psnr(got["image"], reference["image"]),
+            "latent_rel_err": relative_error(got["latents"], reference["latents"])}
 
 
 def references(comm: Communicator, cfg: DictConfig) -> dict[int, dict[str, torch.Tensor]]:
@@ -93,14 +120,17 @@ def quality(comm: Communicator, cfg: DictConfig) -> list[dict]:
     metric = _lpips() if comm.rank == 0 else None
     refs = references(comm, cfg)
     shown = list(cfg.quality.seeds)[:cfg.quality.grid_seeds]
+    found = variants(cfg)
+    pairs = compared_with(cfg, found)
     rows, kept = [], {}
     for seed in cfg.quality.seeds:
-        ref = refs[seed]
-        for name, parallel in variants(cfg).items():
-            got = run_generation(comm, cfg, parallel, seed)
-            row = {"seed": seed, "variant": name, "psnr_db": psnr(got["image"], ref["image"]),
-                   "ssim": ssim(got["image"], ref["image"]),
-                   "latent_rel_err": relative_error(got["latents"], ref["latents"])}
+        ref, done = refs[seed], {}
+        for name, parallel in found.items():
+            got = done[name] = run_generation(comm, cfg, parallel, seed)
+            row = {"seed": seed, "variant": name, **scores(got, ref), "ssim": ssim(got["image"], ref["image"])}
+            if name in pairs:
+                against = scores(got, done[pairs[name]])
+                row |= {"against": pairs[name], **{f"against_{k}": v for k, v in against.items()}}
             if metric is not None:
                 row["lpips"] = metric(got["image"].float().cpu() * 2 - 1, ref["image"].float().cpu() * 2 - 1).item()
             rows.append(row)
@@ -115,9 +145,12 @@ def _report(cfg: DictConfig, world_size: int, rows: list[dict], refs: dict, kept
     summary = summarise(rows)
     print(f"quality vs none: {cfg.model.name} ({cfg.model.path or 'random weights'}), "
           f"{cfg.sampler.steps} steps, {world_size} ranks, seeds {list(cfg.quality.seeds)}")
-    print(f"{'variant':<28}{'PSNR dB':>9}{'± sd':>7}{'SSIM':>8}{'latent rel err':>16}")
+    print(f"{'variant':<34}{'PSNR dB':>9}{'± sd':>7}{'SSIM':>8}{'latent rel err':>16}")
     for name, r in summary.items():
-        print(f"{name:<28}{r['psnr_db']:>9.2f}{r['psnr_db_sd']:>7.2f}{r['ssim']:>8.4f}{r['latent_rel_err']:>16.2e}")
+        against = (f"   against {r['against']}: {r['against_psnr_db']:.2f} dB, {r['against_latent_rel_err']:.2e}"
+                   if "against" in r else "")
+        print(f"{name:<34}{r['psnr_db']:>9.2f}{r['psnr_db_sd']:>7.2f}{r['ssim']:>8.4f}{r['latent_rel_err']:>16.2e}"
+              + against)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, enum_to_str=True),
@@ -132,14 +165,15 @@ def _report(cfg: DictConfig, world_size: int, rows: list[dict], refs: dict, kept
     print(json.dumps(summary))
 
 
-def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean of every metric per variant over the seeds, and the PSNR's standard deviation."""
-    summary: dict[str, dict[str, float]] = {}
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Per variant over the seeds: the mean of every metric and, as `{metric}_sd`, the standard
+    deviation of its finite values (an exact variant's PSNR is infinite); `against` as it is."""
+    summary: dict[str, dict] = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        keys = [k for k in mine[0] if k not in ("seed", "variant")]
-        summary[name] = {k: sum(r[k] for r in mine) / len(mine) for k in keys}
-        finite = [r["psnr_db"] for r in mine if math.isfinite(r["psnr_db"])]
-        mean = sum(finite) / len(finite) if finite else 0.0
-        summary[name]["psnr_db_sd"] = math.sqrt(sum((p - mean) ** 2 for p in finite) / len(finite)) if finite else 0.0
+        summary[name] = {k: v for k, v in mine[0].items() if k == "against"}
+        for key in [k for k in mine[0] if k not in ("seed", "variant", "against")]:
+            values = [r[key] for r in mine]
+            finite = [v for v in values if math.isfinite(v)]
+            summary[name] |= {key: sum(values) / len(values), f"{key}_sd": statistics.pstdev(finite) if finite else 0.0}
     return summary

@@ -67,6 +67,9 @@ def config(*overrides: str) -> DictConfig:
     (("task=quality", "quality.groupnorms=[fresh]"), 2, "quality.groupnorms=['fresh']: each must be one of"),
     (("task=quality", "quality.warmups=[-1]"), 2, "quality.warmups=[-1]: warm-up step counts must be >= 0"),
     (("task=quality", "quality.amplify=0"), 2, "differences multiplied by a positive factor"),
+    (("task=quality", "quality.compressions=[none]"), 2, "quality.compressions=['none']: each must be one of "
+                                                         "('fp8', 'int8') (uncompressed displaced runs are always"),
+    (("task=quality", "quality.deltas=[]"), 2, "quality.deltas=[]: each compression runs with each of the deltas"),
 ])
 def test_a_request_that_cannot_run_says_what_to_change(overrides, world_size, message):
     with pytest.raises(ConfigError) as error:
@@ -82,6 +85,8 @@ def test_a_request_that_cannot_run_says_what_to_change(overrides, world_size, me
     (("sampler.guidance_scale=0",), 2),
     (("task=allgather_demo",), 3),  # no image: 3 ranks need not cut one
     (("task=quality", "quality.warmups=[]", "quality.groupnorms=[]"), 2),
+    (("task=quality", "quality.compressions=[]", "quality.deltas=[]"), 2),
+    (("task=quality", "quality.compressions=[int8,fp8]", "quality.deltas=[true]"), 2),
 ])
 def test_a_request_that_can_run_passes(overrides, world_size):
     check_request(config(*overrides), world_size)

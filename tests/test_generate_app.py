@@ -79,11 +79,15 @@ def test_local_weights_are_loaded_from_model_path(tmp_path):
 def test_quality_reports_psnr_ssim_relative_error_and_a_grid(tmp_path):
     proc = run_app("task=quality", "world_size=2", "parallel.split_cfg=false", "sampler.steps=6",
                    "quality.seeds=[0,1,2]", "quality.warmups=[1,3]", "quality.groupnorms=[stale]",
-                   "parallel.warmup_steps=3", "quality.grid_seeds=2", f"output_dir={tmp_path}")
+                   "parallel.warmup_steps=3", "quality.grid_seeds=2", "quality.compressions=[int8]",
+                   f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = last_json(proc.stdout)
     assert list(summary) == ["sync_patch", "naive_patch", "displaced w1 corrected", "displaced w3 corrected",
-                             "displaced w3 stale"]
+                             "displaced w3 stale", "displaced w3 corrected int8"]
+    assert summary["displaced w3 corrected int8"]["against"] == "displaced w3 corrected"
+    assert summary["displaced w3 corrected"]["against"] == "sync_patch"
+    assert "against displaced w3 corrected: " in proc.stdout
     assert summary["displaced w3 corrected"]["latent_rel_err"] < summary["naive_patch"]["latent_rel_err"]
     assert summary["displaced w3 corrected"]["psnr_db"] > summary["naive_patch"]["psnr_db"]
     assert summary["sync_patch"]["ssim"] > summary["displaced w3 corrected"]["ssim"] > summary["naive_patch"]["ssim"]
@@ -97,7 +101,7 @@ def test_quality_references_are_each_seeds_own_single_device_image(tmp_path):
     """Seeds are dealt out over the ranks for the references: each must still be its own seed's."""
     proc = run_app("task=quality", "world_size=2", "parallel.split_cfg=false", "sampler.steps=3",
                    "quality.seeds=[5,6,7]", "quality.warmups=[]", "quality.groupnorms=[]",
-                   "quality.baselines=[sync_patch]", f"output_dir={tmp_path}")
+                   "quality.baselines=[sync_patch]", "quality.compressions=[]", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
     # sync_patch is the single-device result up to fp32 rounding (~1e-6); another seed's is ~1 away

@@ -7,7 +7,11 @@ N = 4 fake ranks at 2x the training resolution (128 px), 2 seeds, 10 DDIM steps,
 - `displaced` beats `naive_patch` clearly: on every seed its image's squared error is at most a
   tenth of naive's (10 dB);
 - `corrected` GroupNorm is at least as good as `stale` and `separate`.
-The full study (16 seeds, N = 2, 4, 8, 1x/2x/4x) is bench/quality_study.py; docs/validation.md.
+And issue 15's: compressing what displaced steps send (fp8, int8) moves the final latents less
+than displacement moves them from `sync_patch`, on every seed, and int8 deltas move them less
+than int8 values.
+The full studies (bench/quality_study.py: 16 seeds, N = 2, 4, 8, 1x/2x/4x; bench/quality_compress)
+are in docs/validation.md.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def _cfg(**quality_keys):
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    cfg = _cfg(seeds=[0, 1], warmups=[WARMUP], groupnorms=["separate", "stale", "corrected"], grid_seeds=1)
+    cfg = _cfg(seeds=[0, 1], warmups=[WARMUP], groupnorms=["separate", "stale", "corrected"], grid_seeds=1,
+               compressions=["fp8", "int8"], deltas=[False, True])
     cfg.output_dir = str(tmp_path_factory.mktemp("quality"))
     rows = spawn(lambda comm: quality(comm, cfg), RANKS)[0]
     assert (Path(cfg.output_dir) / "quality_grid.png").exists()
@@ -87,3 +92,27 @@ def test_corrected_groupnorm_is_at_least_as_good_as_stale_and_separate(summary):
         assert corrected["latent_rel_err"] <= other["latent_rel_err"], (policy, corrected, other)
         assert corrected["psnr_db"] >= other["psnr_db"], (policy, corrected, other)
         assert corrected["ssim"] >= other["ssim"], (policy, corrected, other)
+
+
+def test_compression_moves_displaced_less_than_displacement_moves_it_from_sync_patch(summary):
+    rows = summary[0]
+    plain = displaced_name(WARMUP, "corrected")
+    for seed in (0, 1):
+        found = {r["variant"]: r for r in rows if r["seed"] == seed}
+        displacement = found[plain]
+        assert displacement["against"] == "sync_patch"
+        for kind in ("fp8", "int8"):
+            compressed = found[displaced_name(WARMUP, "corrected", kind)]
+            assert compressed["against"] == plain
+            assert compressed["against_latent_rel_err"] <= displacement["against_latent_rel_err"], (seed, kind)
+            assert compressed["against_psnr_db"] >= displacement["against_psnr_db"], (seed, kind)
+        fp8, int8, delta = (found[displaced_name(WARMUP, "corrected", kind, d)]["against_latent_rel_err"]
+                            for kind, d in (("fp8", False), ("int8", False), ("int8", True)))
+        # int8 rounds to a 127th of its block's peak m, fp8 (3 mantissa bits) to at least a 16th of the value:
+        # int8's step is finer for every value above m / 8, where activations hold most of their norm
+        assert int8 <= fp8, f"seed {seed}: int8 moves displaced by {int8:.1e}, fp8 by {fp8:.1e}"
+        assert delta < int8, f"seed {seed}: int8 deltas move displaced by {delta:.1e}, int8 values by {int8:.1e}"
+    means = summary[1]
+    print("against " + plain + ": " + ", ".join(
+        f"{name[len(plain) + 1:]} {m['against_latent_rel_err']:.1e}" for name, m in means.items()
+        if m.get("against") == plain) + f"; {plain} against sync_patch {means[plain]['against_latent_rel_err']:.1e}")
