@@ -35,5 +35,20 @@ def test_cells_become_ordered_tables_and_a_plot(tmp_path):
     assert "| naive_patch | 40.0 ± 0.5 | 20.0 ± 0.5 | 30.0 ± 0.5 | 10.0 ± 0.5 |" in text
     assert "| displaced w4 corrected | 0.9100 | 0.9100 | 0.9100 | 0.9100 |" in text
     assert "| displaced w4 corrected | 5.0e-02 | 5.0e-02 | 5.0e-02 | 5.0e-02 |" in text
+    assert "against the variant in brackets" not in text  # no cell compares variants with each other
     quality_study.plot(cells, tmp_path / "psnr.png")
     assert (tmp_path / "psnr.png").stat().st_size > 10_000
+
+
+def test_variants_scored_against_each_other_get_their_own_tables(tmp_path):
+    _cell(tmp_path, "n4_128px", 4, 128, True, 30.0)
+    found = json.loads((tmp_path / "n4_128px" / "quality.json").read_text())
+    found["mean"]["displaced w4 corrected"] |= {"latent_rel_err_sd": 0.01, "against": "sync_patch",
+                                                "against_psnr_db": 50.0, "against_psnr_db_sd": 1.5,
+                                                "against_latent_rel_err": 0.03, "against_latent_rel_err_sd": 0.002}
+    (tmp_path / "n4_128px" / "quality.json").write_text(json.dumps(found))
+    text = quality_study.table(quality_study.load_cells(tmp_path))
+    assert "| naive_patch | 1.0e-01 |" in text and "| displaced w4 corrected | 5.0e-02 ± 1.0e-02 |" in text
+    assert "| displaced w4 corrected (vs sync_patch) | 50.0 ± 1.5 |" in text
+    assert "| displaced w4 corrected (vs sync_patch) | 3.0e-02 ± 2.0e-03 |" in text
+    assert "naive_patch (vs" not in text
