@@ -1,7 +1,8 @@
 """`python -m simulator [advise] [key=value ...]`: predict DistriFusion's latency and speedup.
 
     python -m simulator model=sdxl resolution=3840 world_size=8 hardware=a100_sxm_nvlink \\
-        parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16] [graphs=warm]
+        parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16] [graphs=warm] \\
+        [parallel.compress=int8] [parallel.delta=true]
     python -m simulator -m world_size=1,2,4,8 resolution=1024,2048 hardware=a100_sxm_nvlink,a100_pcie
     python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8
 
@@ -40,7 +41,8 @@ def table(p: Prediction) -> str:
     s, summary = p.setup, p.summary()
     lines = [f"{s['model']} {s['resolution']}px, {s['steps']} steps, {s['dtype']} on {s['hardware']}",
              f"{'':<22}{'latency':>10}{'UNet':>10}{'compute':>10}{'comm':>10}{'exposed':>10}{'sent/device':>14}"]
-    for name, r, total in ((f"{s['world_size']} x {s['parallel']}", p.result, p.latency_s),
+    sent = "" if s["compress"] == "none" else f" +{s['compress']}" + (" +delta" if s["delta"] else "")
+    for name, r, total in ((f"{s['world_size']} x {s['parallel']}{sent}", p.result, p.latency_s),
                            ("1 device", p.baseline, p.baseline_latency_s)):
         lines.append(f"{name:<22}{total:>9.3f}s{r.latency_s:>9.3f}s{r.compute_s:>9.3f}s{r.comm_s:>9.3f}s"
                      f"{r.comm_exposed_s:>9.3f}s{r.comm_bytes_per_device / 2**20:>10.1f} MiB")
@@ -98,7 +100,7 @@ def run_advise(cfg: DictConfig) -> dict:
     return advise(cfg.model.name, resolution, hardware, cfg.max_devices or hardware.num_devices, cfg.steps,
                   cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=options["groupnorm"], profile=profile,
                   cache_dir=cfg.trace_cache, graphs=cfg.graphs.value, vae=options["vae"],
-                  vae_chunk_mib=options["vae_chunk_mib"])
+                  vae_chunk_mib=options["vae_chunk_mib"], compress=options["compress"], delta=options["delta"])
 
 
 def write_timeline(prediction: Prediction, cfg: DictConfig, hardware, profile, out_dir: Path) -> Path:

@@ -150,9 +150,10 @@ def _devices(n: int) -> str:
 def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, steps: int, cfg: bool = True,
            dtype: str = "float16", groupnorm: str = "corrected", profile: CalibrationProfile | None = None,
            cache_dir: str | Path | None = None, graphs: str = "cold", progress: bool = True, vae: str = "patch",
-           vae_chunk_mib: int = DEFAULT_CHUNK_MIB) -> dict[str, Any]:
-    """Predict every setup of `setups` and rank them (decoding as `vae`, `vae_chunk_mib` say: see
-    `predict`); the JSON `python -m simulator advise` prints.
+           vae_chunk_mib: int = DEFAULT_CHUNK_MIB, compress: str = "none", delta: bool = False) -> dict[str, Any]:
+    """Predict every setup of `setups` and rank them (decoding as `vae`, `vae_chunk_mib` say, the
+    displaced setups sending as `compress`, `delta` say: see `predict`); the JSON
+    `python -m simulator advise` prints.
 
     `configurations` holds the acceptable ones sorted by latency, `lower_bound` the naive_patch
     ones; then `verdict`'s keys (`stops_paying_at`, `memory_stops_shrinking_at`, `notes`).
@@ -165,12 +166,12 @@ def advise(model: str, resolution: int, hardware: Hardware, max_devices: int, st
         p = predict(model, resolution, setup.devices, setup.mode, hardware, steps,
                     warmup_steps=setup.warmup_steps or 1, groupnorm=groupnorm, split_cfg=setup.split_cfg, cfg=cfg,
                     dtype=dtype, profile=profile, cache_dir=cache_dir, graphs=graphs, vae=vae,
-                    vae_chunk_mib=vae_chunk_mib)
+                    vae_chunk_mib=vae_chunk_mib, compress=compress, delta=delta)
         options.append(option(setup, p))
     options.sort(key=lambda o: (o["latency_s"], o["devices"]))  # a tie goes to fewer devices
     return {"model": model, "resolution": resolution, "hardware": hardware.name, "max_devices": max_devices,
             "steps": steps, "dtype": dtype, "cfg": cfg, "graphs": graphs, "vae": vae, "vae_chunk_mib": vae_chunk_mib,
-            "configurations": [o for o in options if not o["lower_bound"]],
+            "compress": compress, "delta": delta, "configurations": [o for o in options if not o["lower_bound"]],
             "lower_bound": [o for o in options if o["lower_bound"]], **verdict(options)}
 
 

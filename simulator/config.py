@@ -39,6 +39,14 @@ class Vae(str, Enum):
     none = "none"
 
 
+class Compress(str, Enum):
+    """How displaced steps send K/V and halo rows (`distrifusion.ParallelConfig.compress`)."""
+
+    none = "none"
+    fp8 = "fp8"
+    int8 = "int8"
+
+
 class GroupNorm(str, Enum):
     separate = "separate"
     stale = "stale"
@@ -68,8 +76,8 @@ class SimulateConfig:
     model: the `model` group (`conf/model/*.yaml`, shared with `python -m distrifusion`); the
         simulator reads `name` and `dtype` (its own default: float16) and ignores the rest.
     parallel: the `parallel` group (`conf/parallel/*.yaml`, shared too); the simulator reads
-        `mode`, `warmup_steps`, `groupnorm`, `split_cfg`, `vae` and `vae_chunk_mib` (see
-        `parallel_options`).
+        `mode`, `warmup_steps`, `groupnorm`, `split_cfg`, `vae`, `vae_chunk_mib`, `compress` and
+        `delta` (see `parallel_options`).
     resolution: image height and width (null: the model's default).
     cfg: classifier-free guidance, i.e. a batch of 2 per UNet call.
     calibration: a `CalibrationProfile` JSON replacing roofline op times where it measured.
@@ -113,9 +121,9 @@ def _choice(enum: type[Enum], where: str, value: Any) -> str:
 
 
 def parallel_options(parallel: Any) -> dict[str, Any]:
-    """mode, warmup_steps, groupnorm, split_cfg, vae, vae_chunk_mib of the `parallel` node
-    (defaulting as `distrifusion.ParallelConfig`), checked; other keys (the generation app's,
-    e.g. `cuda_graph`) do not change the recorded work and are ignored."""
+    """mode, warmup_steps, groupnorm, split_cfg, vae, vae_chunk_mib, compress, delta of the
+    `parallel` node (defaulting as `distrifusion.ParallelConfig`), checked; other keys (the
+    generation app's, e.g. `cuda_graph`) do not change the recorded work and are ignored."""
     warmup = parallel.get("warmup_steps", 4)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"parallel.warmup_steps must be an integer >= 0, got {warmup!r}")
@@ -125,10 +133,16 @@ def parallel_options(parallel: Any) -> dict[str, Any]:
     chunk = parallel.get("vae_chunk_mib", 256)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise ValueError(f"parallel.vae_chunk_mib must be an integer >= 0, got {chunk!r}")
+    compress = _choice(Compress, "parallel.compress", parallel.get("compress", "none"))
+    delta = parallel.get("delta", False)
+    if not isinstance(delta, bool):
+        raise ValueError(f"parallel.delta must be true or false, got {delta!r}")
+    if delta and compress == "none":
+        raise ValueError("parallel.delta=true needs parallel.compress=fp8 or int8 (uncompressed values are exact)")
     return {"mode": _choice(Parallel, "parallel.mode", parallel.get("mode")), "warmup_steps": warmup,
             "groupnorm": _choice(GroupNorm, "parallel.groupnorm", parallel.get("groupnorm", "corrected")),
             "split_cfg": split_cfg, "vae": _choice(Vae, "parallel.vae", parallel.get("vae", "patch")),
-            "vae_chunk_mib": chunk}
+            "vae_chunk_mib": chunk, "compress": compress, "delta": delta}
 
 
 def model_dtype(model: Any) -> str:

@@ -6,8 +6,9 @@ What a rank holds, measured as live tensor bytes (`simulator.live_memory`) while
   loads the whole pipeline and keeps it);
 - the denoising steps: the UNet's inputs and activations, recorded like the trace
   (`simulator.unet_run.EmulatedUNet`, rank `role_rank`, steps: synchronous, first displaced,
-  steady), which include DistriFusion's stale buffers (`PatchContext.allocate`: one per
-  exchange, kept for the whole generation, and not shrinking with N);
+  steady), which include DistriFusion's stale buffers (`Exchange.buffers()` of every exchange,
+  kept for the whole generation, and not shrinking with N; with `parallel.compress` the K/V
+  and halo exchanges keep 8-bit payloads, and with `parallel.delta` full-precision copies too);
 - CUDA graphs: a replayed step's activations live in the graph's private pool, which only
   that graph may use while it exists (the pipeline keeps it), so the pool, as large as the
   steady step's own peak, stays reserved during the VAE decode;
@@ -59,7 +60,8 @@ def record_unet_memory(args: dict[str, Any]) -> dict[str, int]:
     counter = OpCounter()  # stands fused attention in for the meta kernel's scores matrix
     run = EmulatedUNet(args["model"], args["resolution"], args["world_size"], args["mode"], counter,
                        device="meta", dtype=getattr(torch, args["dtype"]), cfg=args["cfg"], warmup_steps=1,
-                       groupnorm=args["groupnorm"], split_cfg=args["split_cfg"])
+                       groupnorm=args["groupnorm"], split_cfg=args["split_cfg"],
+                       compress=args["compress"], delta=args["delta"])
     inputs = [t for t in (*run.inputs.values(), *run.inputs.get("added_cond_kwargs", {}).values())
               if isinstance(t, torch.Tensor)]
     steps_peak = steady = 0
@@ -72,7 +74,7 @@ def record_unet_memory(args: dict[str, Any]) -> dict[str, int]:
             steady = memory.peak - start
         run.finish()
     ctx = run.context
-    buffers = [ex.buffer for ex in ctx.exchanges if ex.buffer is not None] if ctx is not None else []
+    buffers = [b for ex in ctx.exchanges for b in ex.buffers()] if ctx is not None else []
     return {"unet_weights_bytes": storage_bytes((*run.unet.parameters(), *run.unet.buffers())),
             "inputs_bytes": storage_bytes(inputs),
             "stale_buffer_bytes": sum(allocation_bytes(b.numel() * b.element_size()) for b in buffers),
@@ -90,9 +92,11 @@ def patched_decode(mode: str, vae: str) -> bool:
 def peak_memory(model: str, resolution: int, world_size: int, mode: str, split_cfg: bool = True, cfg: bool = True,
                 dtype: str = "float16", warmup_steps: int = 4, groupnorm: str = "corrected",
                 cache_dir: str | Path | None = None, cuda_graph: bool = True, vae: str = "patch",
-                vae_chunk_mib: int = DEFAULT_CHUNK_MIB) -> dict[str, Any]:
+                vae_chunk_mib: int = DEFAULT_CHUNK_MIB, compress: str = "none",
+                delta: bool = False) -> dict[str, Any]:
     """Peak memory per rank of one generation (bytes; module doc), cached (no torch on a hit);
-    `vae` and `vae_chunk_mib` as `parallel.vae` and `parallel.vae_chunk_mib`.
+    `vae` and `vae_chunk_mib` as `parallel.vae` and `parallel.vae_chunk_mib`, `compress` and
+    `delta` as `parallel.compress` and `parallel.delta` (8-bit stale buffers).
 
     Keys: `weights_bytes` (every model; `unet_weights_bytes` the UNet's), `stale_buffer_bytes`,
     `unet_peak_bytes` (the denoising steps' peak above weights and stale buffers),
@@ -101,7 +105,8 @@ def peak_memory(model: str, resolution: int, world_size: int, mode: str, split_c
     ("patch" or "whole"), `phases` (rank 0's total in each), `peak_phase`,
     `peak_bytes`, `peak_allocated_bytes` (module doc) and `rank` (the one with the most: 0).
     """
-    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
+    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg,
+                      compress, delta)
     unet = load_or_record_unet_memory(args, cache_dir)
     stages = load_or_record_stages(model, resolution, dtype, cfg, cache_dir)["memory"]
     patched = patched_decode(args["mode"], vae)

@@ -65,10 +65,11 @@ def steady_step_seconds(result: SimResult) -> float | None:
 
 @functools.lru_cache(maxsize=64)
 def _trace(model: str, resolution: int, world_size: int, mode: str, warmup_steps: int, groupnorm: str,
-           split_cfg: bool, dtype: str, cfg: bool, cache_dir: str | None) -> dict:
+           split_cfg: bool, dtype: str, cfg: bool, cache_dir: str | None, compress: str = "none",
+           delta: bool = False) -> dict:
     """`load_or_record`, memoised in the process: a sweep reads each trace file once."""
     return load_or_record(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg,
-                          cache_dir)
+                          cache_dir, compress, delta)
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,12 +88,13 @@ def _decode(model: str, resolution: int, world_size: int, dtype: str, chunk_mib:
 
 @functools.lru_cache(maxsize=256)
 def _peak_memory(model: str, resolution: int, world_size: int, mode: str, split_cfg: bool, cfg: bool, dtype: str,
-                 warmup_steps: int, groupnorm: str, vae: str, vae_chunk_mib: int, cache_dir: str | None) -> dict:
+                 warmup_steps: int, groupnorm: str, vae: str, vae_chunk_mib: int, cache_dir: str | None,
+                 compress: str, delta: bool) -> dict:
     from .memory import peak_memory
 
     return peak_memory(model, resolution, world_size, mode, split_cfg=split_cfg, cfg=cfg, dtype=dtype,
                        warmup_steps=warmup_steps, groupnorm=groupnorm, cache_dir=cache_dir, vae=vae,
-                       vae_chunk_mib=vae_chunk_mib)
+                       vae_chunk_mib=vae_chunk_mib, compress=compress, delta=delta)
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,7 +219,8 @@ class Prediction:
         s = self.setup
         return self._once("memory", lambda: _peak_memory(
             s["model"], s["resolution"], s["world_size"], s["parallel"], s["split_cfg"], s["cfg"], s["dtype"],
-            RECORDED_WARMUP, s["groupnorm"], s["vae"], s["vae_chunk_mib"], self.cache_dir))
+            RECORDED_WARMUP, s["groupnorm"], s["vae"], s["vae_chunk_mib"], self.cache_dir, s["compress"],
+            s["delta"]))
 
     def summary(self) -> dict[str, Any]:
         """The figures `python -m simulator` prints as its JSON line (times in s unless named ms)."""
@@ -253,7 +256,7 @@ class Prediction:
                 if k in ("model", "resolution", "mode", "dtype", "hardware", "devices", "steps")}
         s = self.summary()
         return {**head, **{k: s[k] for k in (
-            "parallel", "latency_s", "single_device_latency_s", "speedup", "unet_s", "step_ms",
+            "parallel", "compress", "delta", "latency_s", "single_device_latency_s", "speedup", "unet_s", "step_ms",
             "rank_compute_ms_per_step", "ceiling_speedup", "compute_s", "comm_s", "comm_exposed_s",
             "comm_hidden_fraction", "comm_bytes_per_device", "peak_memory_gib_per_rank")}}
 
@@ -271,22 +274,24 @@ def predict(model: str, resolution: int, world_size: int, parallel: str, hardwar
             warmup_steps: int = 4, groupnorm: str = "corrected", split_cfg: bool = True, cfg: bool = True,
             dtype: str = "float16", profile: CalibrationProfile | None = None,
             cache_dir: str | Path | None = None, graphs: str = "cold", vae: str = "patch",
-            vae_chunk_mib: int = DEFAULT_CHUNK_MIB) -> Prediction:
+            vae_chunk_mib: int = DEFAULT_CHUNK_MIB, compress: str = "none", delta: bool = False) -> Prediction:
     """Simulate `model` on `world_size` devices of `hardware` in mode `parallel` and on one device,
     `graphs` saying which steps replay CUDA graphs (`simulator.engine.GRAPHS`), `vae` and
-    `vae_chunk_mib` how the image is decoded (`parallel.vae`, `parallel.vae_chunk_mib`).
+    `vae_chunk_mib` how the image is decoded (`parallel.vae`, `parallel.vae_chunk_mib`),
+    `compress` and `delta` how displaced steps send K/V and halos (`parallel.compress`,
+    `parallel.delta`: 8-bit payloads, their encoding and decoding recorded as kernels).
 
     Both traces are read (or recorded) with the default warm-up count and replayed with
     `warmup_steps` (`with_warmup`), so predictions that differ only in it share their traces.
     """
     cache = None if cache_dir is None else str(cache_dir)
     common = (RECORDED_WARMUP, groupnorm, split_cfg, dtype, cfg, cache)
-    trace = with_warmup(_trace(model, resolution, world_size, parallel, *common), warmup_steps)
+    trace = with_warmup(_trace(model, resolution, world_size, parallel, *common, compress, delta), warmup_steps)
     single = with_warmup(_trace(model, resolution, 1, "none", *common), warmup_steps)
     setup = {"model": model, "resolution": resolution, "world_size": world_size, "hardware": hardware.name,
              "parallel": parallel, "steps": steps, "dtype": dtype, "warmup_steps": warmup_steps,
              "groupnorm": groupnorm, "split_cfg": split_cfg, "cfg": cfg, "graphs": graphs, "vae": vae,
-             "vae_chunk_mib": vae_chunk_mib}
+             "vae_chunk_mib": vae_chunk_mib, "compress": compress, "delta": delta}
     return Prediction(simulate(trace, hardware, steps, profile, graphs=graphs),
                       simulate(single, hardware, steps, profile, graphs=graphs), setup, trace, single, hardware,
                       profile, cache)

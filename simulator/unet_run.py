@@ -96,14 +96,14 @@ class EmulatedUNet:
     def __init__(self, model: str, resolution: int, world_size: int, mode: str, counter: OpCounter,
                  device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, cfg: bool = True,
                  warmup_steps: int = 1, groupnorm: str = "corrected", split_cfg: bool = True,
-                 on_event: Callable[[dict], None] | None = None, rank: int | None = None,
+                 compress: str = "none", delta: bool = False, on_event: Callable[[dict], None] | None = None, rank: int | None = None,
                  unet: torch.nn.Module | None = None, graphable: bool = False):
         self.rank = role_rank(world_size) if rank is None else rank
         self.unet = build_unet(model, device, dtype) if unet is None else unet_replica(unet)
         self.comm = QuietEmulated(world_size, self.rank, device, counter)
         self.recorder = Recorder(self.comm, on_event)
         config = ParallelConfig(mode=mode, warmup_steps=warmup_steps, groupnorm=groupnorm, split_cfg=split_cfg,
-                                cuda_graph=not graphable)
+                                compress=compress, delta=delta, cuda_graph=not graphable)
         parallelize(self.unet, self.recorder, config)
         self.inputs = unet_inputs(model, resolution, 2 if cfg else 1, dtype, device, graphable=graphable)
 

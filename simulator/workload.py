@@ -43,15 +43,20 @@ MODES = ("none", "naive_patch", "sync_patch", "displaced")
 
 def trace_args(model: str, resolution: int, world_size: int, mode: str, warmup_steps: int = 4,
                groupnorm: str = "corrected", split_cfg: bool = True, dtype: str = "float16",
-               cfg: bool = True) -> dict[str, Any]:
-    """The normalised arguments of a trace (what its cache key hashes)."""
+               cfg: bool = True, compress: str = "none", delta: bool = False) -> dict[str, Any]:
+    """The normalised arguments of a trace (what its cache key hashes). `compress` and `delta`
+    (`parallel.compress`, `parallel.delta`) only change displaced steps: other modes are
+    recorded with "none" and False."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    mode = "none" if world_size == 1 else mode
+    displaced = mode == "displaced"
     return {"model": model, "resolution": int(resolution), "world_size": int(world_size),
-            "mode": "none" if world_size == 1 else mode, "warmup_steps": max(1, int(warmup_steps)),
-            "groupnorm": groupnorm, "split_cfg": bool(split_cfg), "dtype": dtype, "cfg": bool(cfg)}
+            "mode": mode, "warmup_steps": max(1, int(warmup_steps)),
+            "groupnorm": groupnorm, "split_cfg": bool(split_cfg), "dtype": dtype, "cfg": bool(cfg),
+            "compress": compress if displaced else "none", "delta": bool(delta) and displaced}
 
 
 # the simulator's modules whose code shapes a recording (the rest only price or show it)
@@ -83,9 +88,11 @@ def cache_path(args: dict[str, Any], cache_dir: str | Path | None = None) -> Pat
 
 def load_or_record(model: str, resolution: int, world_size: int, mode: str, warmup_steps: int = 4,
                    groupnorm: str = "corrected", split_cfg: bool = True, dtype: str = "float16",
-                   cfg: bool = True, cache_dir: str | Path | None = None) -> dict:
+                   cfg: bool = True, cache_dir: str | Path | None = None, compress: str = "none",
+                   delta: bool = False) -> dict:
     """The cached trace of these arguments, recording and caching it first if needed."""
-    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
+    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg,
+                      compress, delta)
     return cached(args, lambda: record(**args), cache_dir)
 
 
@@ -148,7 +155,7 @@ def _issues(events: list[dict]) -> list[tuple]:
 
 def record(model: str, resolution: int, world_size: int, mode: str, warmup_steps: int = 4,
            groupnorm: str = "corrected", split_cfg: bool = True, dtype: str = "float16",
-           cfg: bool = True) -> dict:
+           cfg: bool = True, compress: str = "none", delta: bool = False) -> dict:
     """Record the trace of one rank of `model` at `resolution` on `world_size` ranks (see module doc)."""
     import torch
 
@@ -156,12 +163,14 @@ def record(model: str, resolution: int, world_size: int, mode: str, warmup_steps
     from .op_counter import OpCounter
     from .unet_run import EmulatedUNet
 
-    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg)
+    args = trace_args(model, resolution, world_size, mode, warmup_steps, groupnorm, split_cfg, dtype, cfg,
+                      compress, delta)
     counter = OpCounter()
     events = StepEvents(counter)
     run = EmulatedUNet(model, resolution, world_size, args["mode"], counter, device="meta",
                        dtype=getattr(torch, dtype), cfg=cfg, warmup_steps=1, groupnorm=groupnorm,
-                       split_cfg=split_cfg, on_event=events.on_event)
+                       split_cfg=split_cfg, compress=args["compress"], delta=args["delta"],
+                       on_event=events.on_event)
     events.records = run.recorder.records
     with MetaMemo(), counter:
         steps = []
