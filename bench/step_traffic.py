@@ -84,7 +84,7 @@ def print_received(rows: list[dict]) -> None:
     for r in rows:
         none = next(o for o in rows if (o["res"], o["n"], o["compress"]) == (r["res"], r["n"], "none"))
         r["fewer"] = none["total"] / r["total"]
-        cells = " | ".join(f"{r[k] / 2**20:.1f}" for k in (*KINDS, "total"))
+        cells = " | ".join(f"{r[k] / 2**20:.2f}" for k in (*KINDS, "total"))
         print(f"| {r['res']} | {r['n']} | {r['compress']} | {cells} | {r['fewer']:.2f}x |")
 
 
