@@ -19,6 +19,9 @@ from test_app import last_json, run_app
 
 COMMON = ("parallel.split_cfg=false", "parallel.warmup_steps=2", "sampler.steps=5", "save_latents=true")
 STEM = "tiny_displaced_2ranks_seed0"
+# The launched runs send displaced steps' K/V and halos as int8 deltas: every backend then carries
+# uint8 payloads besides the warm-up gathers in the model's dtype and float32 GroupNorm statistics.
+LAUNCHED = (*COMMON, "parallel.compress=int8", "parallel.delta=true")
 
 
 def test_generate_writes_image_and_report(tmp_path):
@@ -37,13 +40,13 @@ def test_generate_writes_image_and_report(tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_latents(tmp_path_factory) -> Callable[[str], torch.Tensor]:
-    """The latents of 2 fake ranks in a dtype, computed at one thread per rank like the launched ranks."""
+    """The latents of 2 fake ranks in a dtype (`LAUNCHED`), computed at one thread per rank like the launched ranks."""
 
     @functools.cache
     def latents(dtype: str) -> torch.Tensor:
         out = tmp_path_factory.mktemp(f"fake_{dtype}")
         cmd = [sys.executable, "-m", "distrifusion", "backend=fake", "world_size=2", f"model.dtype={dtype}",
-               f"output_dir={out}", *COMMON]
+               f"output_dir={out}", *LAUNCHED]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=rank_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         return torch.load(out / f"{STEM}.latents.pt")
@@ -57,10 +60,12 @@ def fake_latents(tmp_path_factory) -> Callable[[str], torch.Tensor]:
                                             ("openmpi4", "float16"), ("openmpi5", "float16")])
 def test_same_seed_same_latents_on_every_backend(tmp_path, launcher, dtype, fake_latents):
     proc = run_ranks(launcher, 2, "-m", "distrifusion", f"backend={backend_of(launcher)}", f"model.dtype={dtype}",
-                     f"output_dir={tmp_path}", *COMMON)
+                     f"output_dir={tmp_path}", *LAUNCHED)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     if launcher != "torch":
         assert f"mpi: 2 ranks on {library_of(launcher)}" in proc.stdout, proc.stdout[:2000]
+    report = json.loads((tmp_path / f"{STEM}.json").read_text())
+    assert report["config"]["parallel"]["compress"] == "int8" and report["config"]["parallel"]["delta"]
     assert torch.equal(torch.load(tmp_path / f"{STEM}.latents.pt"), fake_latents(dtype))
 
 
