@@ -45,12 +45,13 @@ class CompressedExchange(Exchange):
             return result
         self.finish()
         if self.delta:
-            sent = self.codec.encode(fresh - self.buffer[ctx.rank]).view(-1)
-            stale = self.buffer.clone()  # `use` writes its own fresh slot; the copy must not change
+            own = self.buffer[ctx.rank].clone()  # `use` writes its fresh values there; the copy must stay
+            sent = self.codec.encode(fresh - own).view(-1)
+            result = use(self.buffer)
+            self.buffer[ctx.rank] = own
         else:
             sent = self.codec.encode(fresh).view(-1)
-            stale = self.codec.decode(self.payloads, fresh.dtype).view(ctx.world_size, *fresh.shape)
-        result = use(stale)
+            result = use(self.codec.decode(self.payloads, fresh.dtype).view(ctx.world_size, *fresh.shape))
         self.pending = ctx.comm.all_gather(sent, async_op=True, out=self.payloads, tag=self.tag)
         return result
 

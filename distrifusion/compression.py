@@ -40,24 +40,33 @@ class BlockCodec:
     def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(items, payload_bytes) uint8 codes of `x` viewed as (items, numel); into `out` if given."""
         items = x.numel() // self.numel
-        flat = x.reshape(items, self.numel).float()
-        blocks = torch.nn.functional.pad(flat, (0, self.blocks * BLOCK - self.numel)).view(items, self.blocks, BLOCK)
-        scale = blocks.abs().amax(dim=-1, keepdim=True) / self.code_max
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowing) blocks: zeros
-        scaled = (blocks / scale).clamp(-self.code_max, self.code_max)
-        codes = (scaled.round() if self.kind == "int8" else scaled).to(self.code_dtype)
+        flat = x.reshape(items, self.numel)
+        if self.blocks * BLOCK > self.numel:
+            flat = torch.nn.functional.pad(flat, (0, self.blocks * BLOCK - self.numel))
+        blocks = flat.view(items, self.blocks, BLOCK)
+        low, high = torch.aminmax(blocks, dim=-1, keepdim=True)
+        scale = torch.maximum(high, -low).float() / self.code_max
+        scale.masked_fill_(scale == 0, 1.0)  # zero (or underflowing) blocks: zeros
+        scaled = torch.div(blocks, scale).clamp_(-self.code_max, self.code_max)  # in float32
+        if self.kind == "int8":
+            scaled.round_()
         if out is None:
             out = torch.empty((items, self.payload_bytes), dtype=torch.uint8, device=x.device)
         rows = out.view(items, self.blocks, BLOCK + SCALE_BYTES)
-        rows[..., :BLOCK] = codes.view(torch.uint8)
-        rows[..., BLOCK:] = scale.view(torch.uint8)
+        rows[..., :BLOCK].view(self.code_dtype).copy_(scaled)
+        rows[..., BLOCK:].view(torch.float32).copy_(scale)
         return out
 
     def decode(self, payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(items, numel) values in `dtype` of (items, payload_bytes) codes."""
+        """(items, numel) values in `dtype` of (items, payload_bytes) codes: one pass over the
+        codes for int8 (the product is taken in float32 and rounded once to `dtype`), two for fp8
+        (torch has no fp8 arithmetic; the cast first is exact in float16, bfloat16 and float32)."""
         items = payload.numel() // self.payload_bytes
-        rows = payload.reshape(items, self.blocks, BLOCK + SCALE_BYTES)
-        codes = rows[..., :BLOCK].contiguous().view(self.code_dtype).float()
-        scale = rows[..., BLOCK:].contiguous().view(torch.float32)
-        return (codes * scale).view(items, self.blocks * BLOCK)[:, :self.numel].to(dtype)
-
+        rows = payload.view(items, self.blocks, BLOCK + SCALE_BYTES)
+        codes = rows[..., :BLOCK].view(self.code_dtype)
+        if self.kind == "fp8":
+            codes = codes.to(dtype)
+        values = torch.empty((items, self.blocks, BLOCK), dtype=dtype, device=payload.device)
+        torch.mul(codes, rows[..., BLOCK:].view(torch.float32), out=values)
+        values = values.view(items, self.blocks * BLOCK)
+        return values if self.blocks * BLOCK == self.numel else values[:, :self.numel].contiguous()
