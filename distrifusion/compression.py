@@ -9,10 +9,10 @@ for K/V (`PatchSelfAttention` lays them out as (tokens, batch, 2C), and C is a m
 for halo rows: a block's scale follows the local magnitude, so an outlier channel costs
 precision in its own block only. Overhead: 4 / `BLOCK` bytes per element (3%).
 
-Error per element, |x| ≤ m (the block's largest magnitude), before rounding to the output
-dtype: int8 at most m / 254 (half a step of m / 127); fp8 e4m3 at most |x| / 16 (3 mantissa
-bits) or, below e4m3's normal range, m / 448 * 2^-10. (A block with m so small that m / 448
-underflows float32, below 6e-43, decodes as zeros.)
+Error per element, with m its block's largest magnitude and s = max(m / code_max, 2^-126) the
+block's scale (code_max 127 or 448; the floor keeps s a normal float32, so zero blocks decode
+exactly and |x| / s never exceeds code_max), before rounding to the output dtype: int8 at most
+s / 2; fp8 e4m3 at most |x| / 16 (3 mantissa bits) or, below e4m3's normal range, s * 2^-10.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 BLOCK = 128
 SCALE_BYTES = 4
+MIN_SCALE = 2.0**-126  # float32's smallest normal
 _CODE = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
@@ -45,9 +46,9 @@ class BlockCodec:
             flat = torch.nn.functional.pad(flat, (0, self.blocks * BLOCK - self.numel))
         blocks = flat.view(items, self.blocks, BLOCK)
         low, high = torch.aminmax(blocks, dim=-1, keepdim=True)
-        scale = torch.maximum(high, -low).float() / self.code_max
-        scale.masked_fill_(scale == 0, 1.0)  # zero (or underflowing) blocks: zeros
-        scaled = torch.div(blocks, scale).clamp_(-self.code_max, self.code_max)  # in float32
+        # a normal float32 scale: |x| / scale <= code_max after rounding, no clamp needed
+        scale = (torch.maximum(high, -low).float() / self.code_max).clamp_min_(MIN_SCALE)
+        scaled = torch.div(blocks, scale)  # in float32
         if self.kind == "int8":
             scaled.round_()
         if out is None:

@@ -1,13 +1,11 @@
 """`distrifusion.compression.BlockCodec`: every element comes back within the documented bound.
 
-The bound per element x of a block whose largest magnitude is m (compression's docstring):
-int8 m / 254, fp8 max(|x| / 16, m / 448 * 2^-10). On top of it, derived here:
+The bound per element x of a block whose largest magnitude is m, with scale
+s = max(m / code_max, 2^-126) (compression's docstring): int8 s / 2, fp8 max(|x| / 16, s * 2^-10).
+On top of it, derived here:
 - float32 arithmetic: the scale m / code_max, the division by it and the product code * scale
   each round once (relative 2^-24), moving an element by at most about 2 * 2^-24 of m and of
   |x|; `FLOAT32_SLACK` allows 2^-21 of each, 4x that;
-- a block scale below float32's normal range (m < 2^-119) is a subnormal, off by up to half
-  their spacing, 2^-150: an element moves by up to that times the largest code (127 or 448),
-  which is also what the clamp bounds when m / scale exceeds the largest code;
 - the decoded float32 value rounds once to the output dtype: at most half its spacing there,
   |y| * eps / 2, or half the subnormal spacing below the normal range.
 """
@@ -21,11 +19,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrifusion.compression import BLOCK, SCALE_BYTES, BlockCodec
+from distrifusion.compression import BLOCK, MIN_SCALE, SCALE_BYTES, BlockCodec
 from strict_dtypes import StrictDtypes
 
 FLOAT32_SLACK = 2.0 ** -21
-SUBNORMAL_SCALE = 2.0 ** -150
 CODE_MAX = {"int8": 127, "fp8": 448}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # log10 of the block magnitudes drawn per dtype: from below its subnormals to near its maximum
@@ -38,11 +35,9 @@ def bound(kind: str, x: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.T
     blocks = math.ceil(numel / BLOCK)
     padded = torch.nn.functional.pad(x.abs(), (0, blocks * BLOCK - numel)).view(len(x), blocks, BLOCK)
     m = padded.amax(-1, keepdim=True).expand_as(padded).reshape(len(x), -1)[:, :numel]
-    if kind == "int8":
-        codec = m / 254
-    else:
-        codec = torch.maximum(x.abs() / 16, m / 448 * 2.0 ** -10)
-    within = codec + FLOAT32_SLACK * (m + x.abs()) + CODE_MAX[kind] * SUBNORMAL_SCALE
+    scale = (m / CODE_MAX[kind]).clamp_min(MIN_SCALE)
+    codec = scale / 2 if kind == "int8" else torch.maximum(x.abs() / 16, scale * 2.0 ** -10)
+    within = codec + FLOAT32_SLACK * (m + x.abs())
     info = torch.finfo(dtype)
     return within + (x.abs() + within) * info.eps / 2 + info.smallest_normal * info.eps / 2
 
@@ -107,8 +102,8 @@ def test_codec_obeys_cuda_dtype_rules(kind, dtype):
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_blocks_of_float32_subnormals_stay_within_the_bound(kind):
-    """Their scale is a subnormal that rounds down by up to half: m / scale then exceeds the
-    largest code (up to 1.5x at m = 2^-142), which the clamp must cut back, not wrap or overflow."""
+    """Their scale is the floor 2^-126 (m / code_max would be subnormal and round, so that m / scale
+    could exceed the largest code and wrap or overflow): within s / 2 and s * 2^-10."""
     x = torch.cat([2.0 ** e * torch.linspace(-1, 2, BLOCK) for e in range(-142, -118)]).view(1, -1)
     codec = BlockCodec(kind, x.numel())
     err = (codec.decode(codec.encode(x), torch.float32).double() - x.double()).abs()
@@ -118,7 +113,7 @@ def test_blocks_of_float32_subnormals_stay_within_the_bound(kind):
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_a_block_whose_scale_underflows_decodes_to_zeros(kind):
     """m < code_max * 2^-150: m / code_max rounds to 0, so the block must come back as zeros
-    (an error of at most m, within the bound), not as 0 / 0."""
+    (an error of at most m, within the bound), not as 0 / 0 (the floor scale sees to it)."""
     x = torch.tensor([[0.0, 2.0 ** -149, -(2.0 ** -148)]])
     codec = BlockCodec(kind, 3)
     assert torch.equal(codec.decode(codec.encode(x), torch.float32), torch.zeros_like(x))
