@@ -8,8 +8,8 @@ N = 4 fake ranks at 2x the training resolution (128 px), 2 seeds, 10 DDIM steps,
   tenth of naive's (10 dB);
 - `corrected` GroupNorm is at least as good as `stale` and `separate`.
 And issue 15's: compressing what displaced steps send (fp8, int8) moves the final latents less
-than displacement moves them from `sync_patch`, on every seed, and int8 deltas move them less
-than int8 values.
+than displacement moves them from `sync_patch`, on every seed; int8 no more than fp8, and deltas
+less than values.
 The full studies (bench/quality_study.py: 16 seeds, N = 2, 4, 8, 1x/2x/4x; bench/quality_compress)
 are in docs/validation.md.
 """
@@ -106,12 +106,13 @@ def test_compression_moves_displaced_less_than_displacement_moves_it_from_sync_p
             assert compressed["against"] == plain
             assert compressed["against_latent_rel_err"] <= displacement["against_latent_rel_err"], (seed, kind)
             assert compressed["against_psnr_db"] >= displacement["against_psnr_db"], (seed, kind)
-        fp8, int8, delta = (found[displaced_name(WARMUP, "corrected", kind, d)]["against_latent_rel_err"]
-                            for kind, d in (("fp8", False), ("int8", False), ("int8", True)))
+        error = {(kind, d): found[displaced_name(WARMUP, "corrected", kind, d)]["against_latent_rel_err"]
+                 for kind in ("fp8", "int8") for d in (False, True)}
         # int8 rounds to a 127th of its block's peak m, fp8 (3 mantissa bits) to at least a 16th of the value:
         # int8's step is finer for every value above m / 8, where activations hold most of their norm
-        assert int8 <= fp8, f"seed {seed}: int8 moves displaced by {int8:.1e}, fp8 by {fp8:.1e}"
-        assert delta < int8, f"seed {seed}: int8 deltas move displaced by {delta:.1e}, int8 values by {int8:.1e}"
+        assert error["int8", False] <= error["fp8", False], f"seed {seed}: {error}"
+        for kind in ("fp8", "int8"):  # a step's change is smaller than the values, and so is its rounding
+            assert error[kind, True] < error[kind, False], f"seed {seed}: deltas do not help {kind}: {error}"
     means = summary[1]
     print("against " + plain + ": " + ", ".join(
         f"{name[len(plain) + 1:]} {m['against_latent_rel_err']:.1e}" for name, m in means.items()
