@@ -60,8 +60,8 @@ def _lpips():
 def variants(cfg: DictConfig) -> dict[str, ParallelConfig]:
     """The variants compared with `none`, by name: the baselines, `displaced` at each warm-up count
     (with `parallel.groupnorm`), then each GroupNorm policy (at `parallel.warmup_steps`), all
-    uncompressed, then `displaced` at `parallel.warmup_steps` and `parallel.groupnorm` sending each
-    compression with each delta setting."""
+    uncompressed whatever `parallel.compress` says, then `displaced` at `parallel.warmup_steps` and
+    `parallel.groupnorm` sending each of the compressions with each delta setting."""
     base = {**OmegaConf.to_container(cfg.parallel), "compress": "none", "delta": False}
     found = {mode: ParallelConfig(**{**base, "mode": mode}) for mode in cfg.quality.baselines}
     runs = [(w, base["groupnorm"]) for w in cfg.quality.warmups]
