@@ -48,13 +48,14 @@ class BlockCodec:
         low, high = torch.aminmax(blocks, dim=-1, keepdim=True)
         # a normal float32 scale: |x| / scale <= code_max after rounding, no clamp needed
         scale = (torch.maximum(high, -low).float() / self.code_max).clamp_min_(MIN_SCALE)
-        scaled = torch.div(blocks, scale)  # in float32
-        if self.kind == "int8":
-            scaled.round_()
         if out is None:
             out = torch.empty((items, self.payload_bytes), dtype=torch.uint8, device=x.device)
         rows = out.view(items, self.blocks, BLOCK + SCALE_BYTES)
-        rows[..., :BLOCK].view(self.code_dtype).copy_(scaled)
+        codes = rows[..., :BLOCK].view(self.code_dtype)
+        if self.kind == "fp8":
+            torch.div(blocks, scale, out=codes)  # the float32 quotient, rounded once to e4m3
+        else:
+            codes.copy_(torch.div(blocks, scale).round_())  # torch casts float to int by truncation
         rows[..., BLOCK:].view(torch.float32).copy_(scale)
         return out
 

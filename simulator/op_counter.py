@@ -115,7 +115,8 @@ class _AtenMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         span = counter.end(start)
         leaves = tree_flatten((args, kwargs))[0]
-        inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
+        read = tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]  # out= is only written
+        inputs = [x for x in read if isinstance(x, torch.Tensor)]
         outputs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
         name = func.overloadpacket.__name__
         nbytes = sum(_numel_bytes(t) for t in inputs + outputs)

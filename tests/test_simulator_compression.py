@@ -53,9 +53,9 @@ def test_displaced_gathers_carry_8bit_payloads_and_the_codec_runs_per_exchange(c
         else:
             assert coded["bytes"] == plain["bytes"]
     assert compressed > 0
-    # every compressed exchange encodes once per displaced step (one block absmax each); none has no codec
-    assert launches(int8, "amax") == compressed and launches(none, "amax") == 0
-    assert launches(int8, "round") == compressed and launches(none, "round") == 0
+    # every compressed exchange encodes once per displaced step (one block min/max pass each); none has no codec
+    assert launches(int8, "aminmax") == compressed and launches(none, "aminmax") == 0
+    assert launches(int8, "round_") == compressed and launches(none, "round_") == 0
 
 
 def test_stale_buffers_are_the_8bit_payloads_and_delta_adds_full_precision_copies(cache):
