@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from diffusers import UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from backends.emulated import EmulatedCommunicator
 from backends.fake import spawn
+from distrifusion import ParallelConfig, parallelize
 from distrifusion.config import register
 from distrifusion.patch_unet import check_height
 from distrifusion.preflight import ConfigError, check_request, check_same_config
@@ -60,6 +63,8 @@ def config(*overrides: str) -> DictConfig:
     (("sampler.name=dpm",), 2, "sampler.name=dpm: unknown scheduler kind 'dpm'; choose one of ('ddim', 'euler')"),
     (("backend.timeout=0",), 2, "backend.timeout=0: the seconds a collective may wait must be positive"),
     (("parallel.warmup_steps=-1",), 2, "ParallelConfig.warmup_steps must be >= 0"),
+    (("parallel.compress=int4",), 2, "ParallelConfig.compress must be one of ('none', 'fp8', 'int8'), got 'int4'"),
+    (("parallel.delta=true",), 2, "ParallelConfig.delta=true needs compress=fp8 or int8"),
     (("task=allgather_demo", "demo.repeats=0"), 2, "demo.mib=64 demo.repeats=0: the demo gathers"),
     (("task=allgather_demo", "demo.mib=-1"), 2, "demo.mib=-1 demo.repeats=5: the demo gathers"),
     (("task=quality", "quality.seeds=[]"), 2, "quality.seeds=[]: the study needs at least one seed"),
@@ -173,3 +178,17 @@ def test_mpiexec_ranks_with_different_configs_fail(tmp_path):
     cmd = [*cmd, *app, "seed=0", ":", *cmd[1:], *app, "seed=1"]  # MPMD: one rank per program
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env)
     assert_failed_before_work(proc, tmp_path, "ranks [1] differ from rank 0 in seed")
+
+
+def test_compression_in_a_mode_without_stale_activations_says_it_does_nothing(caplog):
+    def patched(config: ParallelConfig) -> str:
+        unet = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                    down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                    layers_per_block=1, sample_size=8)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="distrifusion"):
+            parallelize(unet, EmulatedCommunicator(2, rank=0), config)
+        return caplog.text
+
+    assert "parallel.compress=int8 has no effect in mode sync_patch" in patched(ParallelConfig("sync_patch", compress="int8"))
+    assert "no effect" not in patched(ParallelConfig(compress="int8"))
