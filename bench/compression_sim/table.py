@@ -3,13 +3,15 @@
     python bench/compression_sim/table.py [--out bench/compression_sim]
 
 Predicts SDXL (float16, 50 steps, CFG) at 2048 and 3840 px on 4 and 8 GPUs, displaced with
-warm-up 4, uncompressed and with 8-bit payloads (`int8`; `fp8` sends the same bytes and runs one
-kernel fewer per exchange), split CFG on and off, on PCIe presets, a 2-node preset placed as
-2 nodes of N/2 GPUs (`hardware.interconnect.gpus_per_node=N/2`; on the preset's 8 GPUs per node
-N <= 8 would stay inside one node) and NVLink. Then, at 3840 px on 8 GPUs, the per-rank memory
-(`simulator.memory.peak_memory`) and the (de)quantisation kernels' time per steady step (one
-rank's priced steady compute, compressed minus uncompressed). Everything comes from traces of
-the real code recorded on the meta device (cached). Writes `table.md` and `results.json`.
+warm-up 4, uncompressed and with 8-bit payloads (`int8`; `fp8` sends the same bytes, its codec
+time is in the second table), split CFG on and off, on PCIe presets, NVLink, and a 2-node
+preset placed as 2 nodes of N/2 GPUs (`hardware.interconnect.gpus_per_node=N/2`; with the
+preset's 8 GPUs per node N <= 8 would stay inside one node), once with the preset's NIC per GPU
+and once with one 100 Gb/s NIC per node (`a100_2node_1nic`: `nic_bandwidth=12.5e9`). Then, at
+3840 px on 8 GPUs, the per-rank memory (`simulator.memory.peak_memory`) and the (de)quantisation
+kernels' time per steady step (one rank's priced steady compute, compressed minus uncompressed).
+Everything comes from traces of the real code recorded on the meta device (cached). Writes
+`table.md` and `results.json`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ from simulator.hardware import Hardware  # noqa: E402
 from simulator.memory import peak_memory  # noqa: E402
 from simulator.predict import predict  # noqa: E402
 
-HARDWARE = ("a100_pcie", "h100_pcie", "a100_2node", "h100_2node", "h100_sxm_nvlink")
+HARDWARE = ("a100_pcie", "h100_pcie", "a100_2node", "a100_2node_1nic", "h100_2node", "h100_sxm_nvlink")
+ONE_NIC = 12.5e9  # bytes/s: "_1nic", one 100 Gb/s NIC per node instead of one per GPU
 SIZES = ((2048, 4), (2048, 8), (3840, 4), (3840, 8))
 CODECS = (("int8", False), ("fp8", False), ("int8", True))
 GIB = 2**30
 
 
 def hardware(name: str, n: int) -> Hardware:
-    """Preset `name`; a multi-node one with its `n` GPUs on two nodes."""
-    hw = load_hardware(name)
+    """Preset `name`; a multi-node one with its `n` GPUs on two nodes (and, named `*_1nic`,
+    one 100 Gb/s NIC per node)."""
+    hw = load_hardware(name.removesuffix("_1nic"))
     if hw.interconnect.kind != "multinode":
         return hw
-    return dataclasses.replace(hw, interconnect=dataclasses.replace(hw.interconnect, gpus_per_node=n // 2))
+    nics = {"nic_bandwidth": ONE_NIC} if name.endswith("_1nic") else {}
+    return dataclasses.replace(hw, interconnect=dataclasses.replace(hw.interconnect, gpus_per_node=n // 2, **nics))
 
 
 def speedups() -> list[dict]:
@@ -80,7 +85,7 @@ def render(rows: list[dict], per_rank: dict) -> str:
             cells = [f"{r['none']['speedup']:.2f}x / {r['int8']['speedup']:.2f}x "
                      f"({r['none']['comm_exposed_s']:.2f} / {r['int8']['comm_exposed_s']:.2f})"
                      for r in rows if (r["hardware"], r["split_cfg"]) == (name, split)]
-            label = f"{name} (2 nodes x N/2)" if load_hardware(name).interconnect.kind == "multinode" else name
+            label = f"{name} (2 nodes x N/2)" if hardware(name, 2).interconnect.kind == "multinode" else name
             lines.append(f"| {label} | {'yes' if split else 'no'} | " + " | ".join(cells) + " |")
     lines += ["", "Per rank at 3840 px on 8 GPUs, split CFG: memory (GiB) and the codec's time per steady step (ms):",
               "", "| compress | stale buffers | denoising peak | peak (phase) | " + " | ".join(HARDWARE) + " |",
