@@ -1,0 +1,1 @@
+"""The image service: `python -m distrifusion task=serve`."""
