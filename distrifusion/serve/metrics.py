@@ -82,7 +82,7 @@ class ServiceMetrics:
             self._failed += 1
 
     def rejected(self) -> None:
-        """A request turned away because the queue was full (answered 503)."""
+        """A request turned away before it was queued: invalid (4xx) or the queue full (503)."""
         with self._lock:
             self._rejected += 1
 
@@ -99,7 +99,7 @@ class ServiceMetrics:
                  self._latency.count),
                 ("distrifusion_requests_failed_total", "Requests that failed while being generated.",
                  self._failed),
-                ("distrifusion_requests_rejected_total", "Requests rejected because the queue was full.",
+                ("distrifusion_requests_rejected_total", "Requests turned away unqueued: invalid, or the queue full.",
                  self._rejected),
             ):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
