@@ -1,0 +1,147 @@
+"""Load test of a running image service (`python -m distrifusion task=serve`): throughput and
+latency of N requests at each concurrency C, and the service's overhead against the batch app.
+
+    python bench/serve_load.py --url http://127.0.0.1:8000 --requests 20 --concurrency 1,4 \
+        [--compare-batch outputs/tiny_displaced_2ranks_seed0.json | SECONDS] [--steps 20 ...]
+
+Each of C client threads posts to /generate until N requests have been made at that level, each
+with a seed of its own (no two requests of the run share one); `--warmup` requests go first and
+are not counted, so the measured service is warm. Per level: images per second (the 200s over the
+level's wall time), latency percentiles of the 200s (nearest rank, as GET /metrics reports them)
+and the errors by status code. Ends with a table and one JSON line.
+
+`--compare-batch`: the batch app's generation time for the same config, as seconds or as the
+path of its JSON report (`total_s`). The service adds no real overhead when the median latency at
+concurrency 1 is at most 5% + 50 ms over it; the queue keeps the ranks busy when the throughput
+at the highest concurrency is at least that at concurrency 1. Exits 1 if a check that could be
+made failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distrifusion.serve.metrics import nearest_rank  # noqa: E402
+
+PERCENTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
+OVERHEAD_FRACTION, OVERHEAD_S = 0.05, 0.05
+
+
+def run_level(url: str, body: dict, requests: int, concurrency: int, seeds: Iterator[int],
+              timeout_s: float) -> dict:
+    """`requests` posts of `body` to /generate from `concurrency` threads, each with the next of
+    `seeds`; the level's throughput, latency percentiles and errors."""
+    lock, latencies, errors = threading.Lock(), [], Counter()
+    left = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=timeout_s) as http:
+            while True:
+                with lock:
+                    if next(left, None) is None:
+                        return
+                    seed = next(seeds)
+                start = time.perf_counter()
+                try:
+                    outcome = http.post("/generate", json=body | {"seed": seed}).status_code
+                except httpx.HTTPError as e:
+                    outcome = type(e).__name__
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if outcome == 200:
+                        latencies.append(elapsed)
+                    else:
+                        errors[str(outcome)] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies)
+    latency = {k: nearest_rank(ordered, q) for k, q in PERCENTILES.items()} | {"max": ordered[-1]} if ordered else {}
+    return {"concurrency": concurrency, "requests": requests, "ok": len(ordered), "errors": dict(errors),
+            "wall_s": wall, "throughput_img_s": len(ordered) / wall, "latency_s": latency}
+
+
+def batch_seconds(value: str) -> float:
+    """`--compare-batch`: seconds, or the batch app's JSON report whose `total_s` they are."""
+    try:
+        return float(value)
+    except ValueError:
+        return float(json.loads(Path(value).read_text())["total_s"])
+
+
+def verdict(levels: list[dict], batch_s: float | None) -> dict:
+    """The issue's two checks, each None where the levels or the batch time do not allow it."""
+    by_c = {level["concurrency"]: level for level in levels}
+    single, busiest = by_c.get(1), by_c[max(by_c)]
+    out: dict = {"batch_s": batch_s, "overhead_s": None, "latency_ok": None, "throughput_ok": None}
+    if single and single["latency_s"] and batch_s is not None:
+        median = single["latency_s"]["p50"]
+        out["overhead_s"] = median - batch_s
+        out["latency_ok"] = median <= batch_s * (1 + OVERHEAD_FRACTION) + OVERHEAD_S
+    if single and busiest is not single:
+        out["throughput_ok"] = busiest["throughput_img_s"] >= single["throughput_img_s"]
+    return out
+
+
+def table(levels: list[dict], checks: dict) -> str:
+    """The levels as a text table, then the checks in words."""
+    rows = ["concurrency  requests   ok  errors        img/s   p50 s   p90 s   p99 s   max s"]
+    for lv in levels:
+        lat = [f"{lv['latency_s'][k]:7.3f}" if lv["latency_s"] else "      -" for k in (*PERCENTILES, "max")]
+        errors = ",".join(f"{k}x{v}" for k, v in lv["errors"].items()) or "0"
+        rows.append(f"{lv['concurrency']:11d}  {lv['requests']:8d} {lv['ok']:4d}  {errors:>6s}  "
+                    f"{lv['throughput_img_s']:11.3f} {' '.join(lat)}")
+    if checks["latency_ok"] is not None:
+        rows.append(f"median latency at concurrency 1 vs the batch app's {checks['batch_s']:.3f} s: "
+                    f"{checks['overhead_s']:+.3f} s ({'within' if checks['latency_ok'] else 'over'} "
+                    f"{OVERHEAD_FRACTION:.0%} + {1e3 * OVERHEAD_S:.0f} ms)")
+    if checks["throughput_ok"] is not None:
+        rows.append(f"throughput at concurrency {levels[-1]['concurrency']} "
+                    f"{'>=' if checks['throughput_ok'] else '<'} at concurrency 1")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,4", help="comma-separated levels, run in this order")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted requests first, one at a time")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--compare-batch", type=batch_seconds, default=None, metavar="SECONDS|REPORT.json")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
+    for name, kind in (("negative-prompt", str), ("steps", int), ("guidance-scale", float), ("height", int),
+                       ("width", int), ("mode", str), ("output", str)):
+        parser.add_argument(f"--{name}", type=kind, default=None, help="the service's default if not given")
+    args = parser.parse_args(argv)
+    fields = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "mode", "output")
+    body = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    seeds = iter(range(args.first_seed, sys.maxsize))
+    if args.warmup:
+        run_level(args.url, body, args.warmup, 1, seeds, args.timeout)
+    levels = [run_level(args.url, body, args.requests, int(c), seeds, args.timeout)
+              for c in args.concurrency.split(",")]
+    checks = verdict(levels, args.compare_batch)
+    print(table(levels, checks))
+    print(json.dumps({"url": args.url, "request": body, "levels": levels} | checks))
+    return 1 if False in (checks["latency_ok"], checks["throughput_ok"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

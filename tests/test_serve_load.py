@@ -1,0 +1,86 @@
+"""bench/serve_load.py against a stand-in for the service (one generation at a time, a fixed
+time each): distinct seeds, concurrent clients, errors counted by status, and the checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import serve_load  # noqa: E402
+
+sys.path.pop(0)
+
+GENERATION_S = 0.06
+FAILING_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    """The URL of a stand-in service, and the request bodies it received."""
+    app, one_at_a_time, bodies = FastAPI(), threading.Lock(), []
+
+    @app.post("/generate")
+    def generate(body: dict) -> Response:
+        bodies.append(body)
+        if body["seed"] == FAILING_SEED:
+            return JSONResponse({"detail": "failed on rank 1"}, status_code=500)
+        with one_at_a_time:
+            time.sleep(GENERATION_S)
+        return Response(b"\x89PNG", media_type="image/png")
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", bodies
+    server.should_exit = True
+    thread.join()
+
+
+def _run(url: str, capsys, *args: str) -> tuple[int, dict]:
+    code = serve_load.main(["--url", url, *args])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_levels_seeds_errors_and_queueing(stand_in, capsys):
+    url, bodies = stand_in
+    bodies.clear()
+    code, report = _run(url, capsys, "--requests", "8", "--concurrency", "1,4", "--steps", "3",
+                        "--compare-batch", "100")
+    seeds = [b["seed"] for b in bodies]
+    assert sorted(seeds) == list(range(1 + 8 + 8)) and all(b["steps"] == 3 for b in bodies)
+    single, four = report["levels"]
+    assert (single["concurrency"], four["concurrency"]) == (1, 4)
+    assert single["ok"] == 7 and single["errors"] == {"500": 1}  # the warm-up took seed 0
+    assert four["ok"] == 8 and four["errors"] == {}
+    assert single["latency_s"]["p50"] >= GENERATION_S
+    # four requests always outstanding, one served at a time: from the fourth on each waits for
+    # three others, so at least half the latencies are >= 3 generations
+    assert four["latency_s"]["p50"] >= 3 * GENERATION_S
+    assert four["latency_s"]["max"] >= four["latency_s"]["p99"] >= four["latency_s"]["p90"] >= four["latency_s"]["p50"]
+    assert report["latency_ok"] is True and report["overhead_s"] < 0
+    assert report["throughput_ok"] == (four["throughput_img_s"] >= single["throughput_img_s"])
+    assert code == (0 if report["throughput_ok"] else 1)
+
+
+def test_overhead_over_the_batch_time_fails(stand_in, capsys, tmp_path):
+    url, _ = stand_in
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps({"total_s": 0.0}))
+    code, report = _run(url, capsys, "--requests", "2", "--concurrency", "1", "--warmup", "0",
+                        "--first-seed", "10", "--compare-batch", str(batch))
+    assert report["batch_s"] == 0.0 and report["overhead_s"] >= GENERATION_S
+    assert report["latency_ok"] is False and report["throughput_ok"] is None and code == 1
