@@ -8,7 +8,10 @@ Each of C client threads posts to /generate until N requests have been made at t
 with a seed of its own (no two requests of the run share one); `--warmup` requests go first and
 are not counted, so the measured service is warm. Per level: images per second (the 200s over the
 level's wall time), latency percentiles of the 200s (nearest rank, as GET /metrics reports them)
-and the errors by status code. Ends with a table and one JSON line.
+and the errors by status code; where the service answers GET /metrics, also the mean generation
+time of the level's requests (`distrifusion_generation_seconds` before and after), so that the
+service's own overhead (queue, HTTP, encoding) is the mean latency less it. Ends with a table and
+one JSON line.
 
 `--compare-batch`: the batch app's generation time for the same config, as seconds or as the
 path of its JSON report (`total_s`). The service adds no real overhead when the median latency at
@@ -35,6 +38,18 @@ from distrifusion.serve.metrics import nearest_rank  # noqa: E402
 
 PERCENTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
 OVERHEAD_FRACTION, OVERHEAD_S = 0.05, 0.05
+
+
+def generation_totals(http: httpx.Client) -> tuple[float, int] | None:
+    """The service's (sum, count) of `distrifusion_generation_seconds`; None without /metrics."""
+    try:
+        response = http.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    samples = dict(line.rsplit(" ", 1) for line in response.text.splitlines() if line and not line.startswith("#"))
+    return float(samples["distrifusion_generation_seconds_sum"]), int(samples["distrifusion_generation_seconds_count"])
 
 
 def run_level(url: str, body: dict, requests: int, concurrency: int, seeds: Iterator[int],
@@ -64,16 +79,23 @@ def run_level(url: str, body: dict, requests: int, concurrency: int, seeds: Iter
                         errors[str(outcome)] += 1
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    with httpx.Client(base_url=url, timeout=timeout_s) as http:
+        before = generation_totals(http)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    with httpx.Client(base_url=url, timeout=timeout_s) as http:
+        after = generation_totals(http)
+    generated = after[1] - before[1] if before and after else 0
     ordered = sorted(latencies)
     latency = {k: nearest_rank(ordered, q) for k, q in PERCENTILES.items()} | {"max": ordered[-1]} if ordered else {}
     return {"concurrency": concurrency, "requests": requests, "ok": len(ordered), "errors": dict(errors),
-            "wall_s": wall, "throughput_img_s": len(ordered) / wall, "latency_s": latency}
+            "wall_s": wall, "throughput_img_s": len(ordered) / wall, "latency_s": latency,
+            "latency_mean_s": sum(ordered) / len(ordered) if ordered else None,
+            "generation_mean_s": (after[0] - before[0]) / generated if generated else None}
 
 
 def batch_seconds(value: str) -> float:
@@ -106,6 +128,10 @@ def table(levels: list[dict], checks: dict) -> str:
         errors = ",".join(f"{k}x{v}" for k, v in lv["errors"].items()) or "0"
         rows.append(f"{lv['concurrency']:11d}  {lv['requests']:8d} {lv['ok']:4d}  {errors:>6s}  "
                     f"{lv['throughput_img_s']:11.3f} {' '.join(lat)}")
+    single = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    if single and single["generation_mean_s"] is not None and single["latency_mean_s"] is not None:
+        rows.append(f"at concurrency 1 the service generated for {single['generation_mean_s']:.3f} s of a mean "
+                    f"latency of {single['latency_mean_s']:.3f} s (the rest: queue, HTTP, encoding)")
     if checks["latency_ok"] is not None:
         rows.append(f"median latency at concurrency 1 vs the batch app's {checks['batch_s']:.3f} s: "
                     f"{checks['overhead_s']:+.3f} s ({'within' if checks['latency_ok'] else 'over'} "

@@ -15,6 +15,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from distrifusion.serve.metrics import CONTENT_TYPE, ServiceMetrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_load  # noqa: E402
 
@@ -27,7 +29,7 @@ FAILING_SEED = 3
 @pytest.fixture(scope="module")
 def stand_in():
     """The URL of a stand-in service, and the request bodies it received."""
-    app, one_at_a_time, bodies = FastAPI(), threading.Lock(), []
+    app, one_at_a_time, bodies, metrics = FastAPI(), threading.Lock(), [], ServiceMetrics()
 
     @app.post("/generate")
     def generate(body: dict) -> Response:
@@ -36,7 +38,12 @@ def stand_in():
             return JSONResponse({"detail": "failed on rank 1"}, status_code=500)
         with one_at_a_time:
             time.sleep(GENERATION_S)
+            metrics.observe(GENERATION_S, GENERATION_S)
         return Response(b"\x89PNG", media_type="image/png")
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(0), media_type=CONTENT_TYPE)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -67,6 +74,7 @@ def test_levels_seeds_errors_and_queueing(stand_in, capsys):
     assert single["ok"] == 7 and single["errors"] == {"500": 1}  # the warm-up took seed 0
     assert four["ok"] == 8 and four["errors"] == {}
     assert single["latency_s"]["p50"] >= GENERATION_S
+    assert [single["generation_mean_s"], four["generation_mean_s"]] == pytest.approx([GENERATION_S] * 2)
     # four requests always outstanding, one served at a time: from the fourth on each waits for
     # three others, so at least half the latencies are >= 3 generations
     assert four["latency_s"]["p50"] >= 3 * GENERATION_S
