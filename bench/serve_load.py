@@ -1,17 +1,18 @@
 """Load test of a running image service (`python -m distrifusion task=serve`): throughput and
 latency of N requests at each concurrency C, and the service's overhead against the batch app.
 
-    python bench/serve_load.py --url http://127.0.0.1:8000 --requests 20 --concurrency 1,4 \
+    python bench/serve_load.py --url http://127.0.0.1:8000 --requests 20 --concurrency 1,4 [--rounds 3] \
         [--compare-batch outputs/tiny_displaced_2ranks_seed0.json | SECONDS] [--steps 20 ...]
 
 Each of C client threads posts to /generate until N requests have been made at that level, each
 with a seed of its own (no two requests of the run share one); `--warmup` requests go first and
-are not counted, so the measured service is warm. Per level: images per second (the 200s over the
-level's wall time), latency percentiles of the 200s (nearest rank, as GET /metrics reports them)
-and the errors by status code; where the service answers GET /metrics, also the mean generation
-time of the level's requests (`distrifusion_generation_seconds` before and after), so that the
-service's own overhead (queue, HTTP, encoding) is the mean latency less it. Ends with a table and
-one JSON line.
+are not counted, so the measured service is warm. `--rounds R` runs the levels R times in turn
+and pools each level's requests, so that a shared machine's slow spells hit every level alike.
+Per level: images per second (the 200s over the level's wall time), latency percentiles of the
+200s (nearest rank, as GET /metrics reports them) and the errors by status code; where the
+service answers GET /metrics, also the mean generation time of the level's requests
+(`distrifusion_generation_seconds` before and after), so that the service's own overhead (queue,
+HTTP, encoding) is the mean latency less it. Ends with a table and one JSON line.
 
 `--compare-batch`: the batch app's generation time for the same config, as seconds or as the
 path of its JSON report (`total_s`). The service adds no real overhead when the median latency at
@@ -29,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -52,50 +54,66 @@ def generation_totals(http: httpx.Client) -> tuple[float, int] | None:
     return float(samples["distrifusion_generation_seconds_sum"]), int(samples["distrifusion_generation_seconds_count"])
 
 
-def run_level(url: str, body: dict, requests: int, concurrency: int, seeds: Iterator[int],
-              timeout_s: float) -> dict:
-    """`requests` posts of `body` to /generate from `concurrency` threads, each with the next of
-    `seeds`; the level's throughput, latency percentiles and errors."""
-    lock, latencies, errors = threading.Lock(), [], Counter()
-    left = iter(range(requests))
+@dataclass
+class Level:
+    """What one concurrency's requests gave, over every round."""
 
-    def client() -> None:
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+    generation_s: float = 0.0
+    generated: int = 0
+
+    def run(self, url: str, body: dict, requests: int, seeds: Iterator[int], timeout_s: float) -> None:
+        """Post `body` to /generate `requests` times from `concurrency` threads, each time with
+        the next of `seeds`, and add what came back."""
+        lock, left = threading.Lock(), iter(range(requests))
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=timeout_s) as http:
+                while True:
+                    with lock:
+                        if next(left, None) is None:
+                            return
+                        seed = next(seeds)
+                    start = time.perf_counter()
+                    try:
+                        outcome = http.post("/generate", json=body | {"seed": seed}).status_code
+                    except httpx.HTTPError as e:
+                        outcome = type(e).__name__
+                    elapsed = time.perf_counter() - start
+                    with lock:
+                        if outcome == 200:
+                            self.latencies.append(elapsed)
+                        else:
+                            self.errors[str(outcome)] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(self.concurrency)]
         with httpx.Client(base_url=url, timeout=timeout_s) as http:
-            while True:
-                with lock:
-                    if next(left, None) is None:
-                        return
-                    seed = next(seeds)
-                start = time.perf_counter()
-                try:
-                    outcome = http.post("/generate", json=body | {"seed": seed}).status_code
-                except httpx.HTTPError as e:
-                    outcome = type(e).__name__
-                elapsed = time.perf_counter() - start
-                with lock:
-                    if outcome == 200:
-                        latencies.append(elapsed)
-                    else:
-                        errors[str(outcome)] += 1
+            before = generation_totals(http)
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.wall_s += time.perf_counter() - start
+        with httpx.Client(base_url=url, timeout=timeout_s) as http:
+            after = generation_totals(http)
+        if before and after:
+            self.generation_s += after[0] - before[0]
+            self.generated += after[1] - before[1]
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    with httpx.Client(base_url=url, timeout=timeout_s) as http:
-        before = generation_totals(http)
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    with httpx.Client(base_url=url, timeout=timeout_s) as http:
-        after = generation_totals(http)
-    generated = after[1] - before[1] if before and after else 0
-    ordered = sorted(latencies)
-    latency = {k: nearest_rank(ordered, q) for k, q in PERCENTILES.items()} | {"max": ordered[-1]} if ordered else {}
-    return {"concurrency": concurrency, "requests": requests, "ok": len(ordered), "errors": dict(errors),
-            "wall_s": wall, "throughput_img_s": len(ordered) / wall, "latency_s": latency,
-            "latency_mean_s": sum(ordered) / len(ordered) if ordered else None,
-            "generation_mean_s": (after[0] - before[0]) / generated if generated else None}
+    def summary(self) -> dict:
+        """Throughput, latency percentiles, errors and the mean generation time, as JSON."""
+        ordered = sorted(self.latencies)
+        latency = ({k: nearest_rank(ordered, q) for k, q in PERCENTILES.items()} | {"max": ordered[-1]}
+                   if ordered else {})
+        return {"concurrency": self.concurrency, "requests": len(ordered) + sum(self.errors.values()),
+                "ok": len(ordered), "errors": dict(self.errors), "wall_s": self.wall_s,
+                "throughput_img_s": len(ordered) / self.wall_s, "latency_s": latency,
+                "latency_mean_s": sum(ordered) / len(ordered) if ordered else None,
+                "generation_mean_s": self.generation_s / self.generated if self.generated else None}
 
 
 def batch_seconds(value: str) -> float:
@@ -145,8 +163,10 @@ def table(levels: list[dict], checks: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level and round")
     parser.add_argument("--concurrency", default="1,4", help="comma-separated levels, run in this order")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the levels this many times in turn, so that a machine's drift hits each alike")
     parser.add_argument("--warmup", type=int, default=1, help="uncounted requests first, one at a time")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--compare-batch", type=batch_seconds, default=None, metavar="SECONDS|REPORT.json")
@@ -160,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     body = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     seeds = iter(range(args.first_seed, sys.maxsize))
     if args.warmup:
-        run_level(args.url, body, args.warmup, 1, seeds, args.timeout)
-    levels = [run_level(args.url, body, args.requests, int(c), seeds, args.timeout)
-              for c in args.concurrency.split(",")]
+        Level(1).run(args.url, body, args.warmup, seeds, args.timeout)
+    levels = {c: Level(c) for c in map(int, args.concurrency.split(","))}
+    for _ in range(args.rounds):
+        for level in levels.values():
+            level.run(args.url, body, args.requests, seeds, args.timeout)
+    levels = [level.summary() for level in levels.values()]
     checks = verdict(levels, args.compare_batch)
     print(table(levels, checks))
     print(json.dumps({"url": args.url, "request": body, "levels": levels} | checks))

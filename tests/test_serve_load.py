@@ -88,7 +88,7 @@ def test_overhead_over_the_batch_time_fails(stand_in, capsys, tmp_path):
     url, _ = stand_in
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps({"total_s": 0.0}))
-    code, report = _run(url, capsys, "--requests", "2", "--concurrency", "1", "--warmup", "0",
+    code, report = _run(url, capsys, "--requests", "1", "--rounds", "2", "--concurrency", "1", "--warmup", "0",
                         "--first-seed", "10", "--compare-batch", str(batch))
-    assert report["batch_s"] == 0.0 and report["overhead_s"] >= GENERATION_S
+    assert report["levels"][0]["requests"] == report["levels"][0]["ok"] == 2 and report["batch_s"] == 0.0 and report["overhead_s"] >= GENERATION_S
     assert report["latency_ok"] is False and report["throughput_ok"] is None and code == 1
