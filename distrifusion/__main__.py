@@ -34,6 +34,10 @@ def run_rank(comm: Communicator, cfg: DictConfig) -> dict:
         return generate(comm, cfg)
     if cfg.task == Task.quality:
         return quality(comm, cfg)
+    if cfg.task == Task.serve:
+        from .serve.service import serve  # FastAPI and uvicorn: the `serve` extra
+
+        return serve(comm, cfg)
     if cfg.task == Task.allgather_demo:
         result = allgather_demo(comm, cfg.demo.mib, cfg.demo.repeats)
         if comm.rank == 0:

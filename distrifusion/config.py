@@ -26,6 +26,7 @@ class Task(Choice):
     generate = "generate"
     quality = "quality"
     allgather_demo = "allgather_demo"
+    serve = "serve"
 
 
 class Dtype(Choice):
@@ -94,6 +95,24 @@ class DemoConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The image service (task=serve): rank 0 listens on `host`:`port` (0: any free port, printed);
+    requests may ask for the `resolutions` listed ([height, width]; empty: the model's own) and at
+    most `max_steps` steps; at most `queue_size` wait; the pipelines of the `max_warm` most recently
+    used (height, width, mode) stay built, with their CUDA graphs; `prewarm` resolutions are
+    generated once at start; after a rank fails, rank 0 answers 503 for `linger_s` seconds, then exits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    resolutions: list[list[int]] = field(default_factory=list)
+    max_steps: int = 100
+    queue_size: int = 64
+    max_warm: int = 4
+    prewarm: list[list[int]] = field(default_factory=list)
+    linger_s: float = 2.0
+
+
+@dataclass
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -101,6 +120,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     task: Task = Task.generate
     prompt: str = "a watercolor painting of a lighthouse at dawn"
     world_size: Optional[int] = None
