@@ -4,6 +4,7 @@ asked to stop; and, in-process on fake ranks, a job that fails without stopping 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -52,27 +53,40 @@ class Service:
             assert self.proc.poll() is None and time.monotonic() < deadline, f"no service:\n{self.output[-3000:]}"
             time.sleep(0.1)
         self.url = url[1]
+        self.pids = self.workers()
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
 
-    def rank_pid(self, rank: int) -> int:
-        """The pid of the worker process of `rank` (a child of torchrun with RANK in its environment)."""
+    def workers(self) -> dict[int, int]:
+        """The pid of every worker process (a child of torchrun, RANK in its environment), by rank."""
+        found = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 ppid = int(re.search(r"PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except (OSError, TypeError):
                 continue
-            if ppid == self.proc.pid and f"RANK={rank}".encode() in environ:
-                return int(pid)
-        raise AssertionError(f"no rank {rank} among torchrun's children")
+            ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+            if ppid == self.proc.pid and ranks:
+                found[ranks[0]] = int(pid)
+        return found
+
+    def rank_pid(self, rank: int) -> int:
+        pid = self.workers().get(rank)
+        assert pid is not None, f"no rank {rank} among torchrun's children"
+        return pid
 
     def stop(self) -> None:
+        """Kill torchrun and its workers (torchrun starts them in sessions of their own, so
+        killing its process group alone would leave them serving, orphaned)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 @pytest.fixture
@@ -192,3 +206,16 @@ def test_a_job_failing_on_every_rank_fails_alone(monkeypatch):
     assert failed.status_code == 500 and failed.json()["detail"] == "RuntimeError: rank 0 cannot"
     assert served.status_code == 200 and served.headers["content-type"] == "image/png"
     assert "distrifusion_requests_failed_total 1" in metrics.render(0) and not ranks.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_ranks_stop_when_their_launcher_is_gone(monkeypatch):
+    cfg = config("backend.timeout=2")  # idle rounds every 0.5 s
+    parents = iter([4242] * 4)  # each rank's start and first rounds see its launcher, then pid 1
+    monkeypatch.setattr(worker.os, "getppid", lambda: next(parents, 1))
+
+    def rank(comm):
+        worker.run(comm, cfg, WarmPipelines(comm, 1), *((JobQueue(4), ServiceMetrics()) if comm.rank == 0 else ()))
+
+    with pytest.raises(backends.CommError, match="launcher .pid 4242. is gone"):
+        backends.launch("fake", rank, world_size=2)

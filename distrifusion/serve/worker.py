@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -42,10 +43,14 @@ def message_of(job: Optional[Job], queue: JobQueue) -> dict:
 
 def run(comm: Communicator, cfg: DictConfig, warm: WarmPipelines,
         queue: Optional[JobQueue] = None, metrics: Optional[ServiceMetrics] = None) -> None:
-    """Serve until rank 0 (which passes the `queue` and `metrics`) shares shutdown."""
+    """Serve until rank 0 (which passes the `queue` and `metrics`) shares shutdown, or until the
+    launcher that started this process is gone (killed torchrun or mpiexec: no orphans serving)."""
+    launcher = os.getppid()
     while True:
         job = queue.next(idle_wait(cfg)) if comm.rank == 0 else None
         message = share(comm, message_of(job, queue) if comm.rank == 0 else None)
+        if os.getppid() != launcher:
+            raise CommError(f"rank {comm.rank}: its launcher (pid {launcher}) is gone; the service stops")
         if message["kind"] == "shutdown":
             return
         if message["kind"] == "idle":
