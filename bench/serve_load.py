@@ -15,7 +15,7 @@ service answers GET /metrics, also the mean generation time of the level's reque
 HTTP, encoding) is the mean latency less it. Ends with a table and one JSON line.
 
 `--compare-batch`: the batch app's generation time for the same config, as seconds or as the
-path of its JSON report (`total_s`). The service adds no real overhead when the median latency at
+path of its JSON report (`generation_s`: decode included). The service adds no real overhead when the median latency at
 concurrency 1 is at most 5% + 50 ms over it; the queue keeps the ranks busy when the throughput
 at the highest concurrency is at least that at concurrency 1. Exits 1 if a check that could be
 made failed.
@@ -117,11 +117,12 @@ class Level:
 
 
 def batch_seconds(value: str) -> float:
-    """`--compare-batch`: seconds, or the batch app's JSON report whose `total_s` they are."""
+    """`--compare-batch`: seconds, or the batch app's JSON report whose `generation_s` (the whole
+    generation, decode included, as a request's) they are."""
     try:
         return float(value)
     except ValueError:
-        return float(json.loads(Path(value).read_text())["total_s"])
+        return float(json.loads(Path(value).read_text())["generation_s"])
 
 
 def verdict(levels: list[dict], batch_s: float | None) -> dict:

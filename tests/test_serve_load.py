@@ -87,7 +87,7 @@ def test_levels_seeds_errors_and_queueing(stand_in, capsys):
 def test_overhead_over_the_batch_time_fails(stand_in, capsys, tmp_path):
     url, _ = stand_in
     batch = tmp_path / "batch.json"
-    batch.write_text(json.dumps({"total_s": 0.0}))
+    batch.write_text(json.dumps({"generation_s": 0.0}))
     code, report = _run(url, capsys, "--requests", "1", "--rounds", "2", "--concurrency", "1", "--warmup", "0",
                         "--first-seed", "10", "--compare-batch", str(batch))
     assert report["levels"][0]["requests"] == report["levels"][0]["ok"] == 2 and report["batch_s"] == 0.0 and report["overhead_s"] >= GENERATION_S
