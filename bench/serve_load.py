@@ -15,7 +15,10 @@ service answers GET /metrics, also the mean generation time of the level's reque
 HTTP, encoding) is the mean latency less it. Ends with a table and one JSON line.
 
 `--compare-batch`: the batch app's generation time for the same config, as seconds or as the
-path of its JSON report (`generation_s`: decode included). The service adds no real overhead when the median latency at
+path of its JSON report (`generation_s`: decode included). `--batch-command CMD` runs the batch app
+(CMD, in a shell, writing that report) once per round, in turn with the levels, and compares with
+the median of its runs: a shared machine's slow spells last tens of seconds, so a batch time taken
+before the service started says little about the service's. The service adds no real overhead when the median latency at
 concurrency 1 is at most 5% + 50 ms over it; the queue keeps the ranks busy when the throughput
 at the highest concurrency is at least that at concurrency 1. Exits 1 if a check that could be
 made failed.
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -125,6 +130,15 @@ def batch_seconds(value: str) -> float:
         return float(json.loads(Path(value).read_text())["generation_s"])
 
 
+def run_batch(command: str, report: str) -> float:
+    """Run the batch app (`command`, in a shell) and return the `generation_s` of its `report`."""
+    Path(report).unlink(missing_ok=True)
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if done.returncode != 0 or not Path(report).exists():
+        raise SystemExit(f"--batch-command exited {done.returncode} without writing {report}:\n{done.stderr[-2000:]}")
+    return batch_seconds(report)
+
+
 def verdict(levels: list[dict], batch_s: float | None) -> dict:
     """The issue's two checks, each None where the levels or the batch time do not allow it."""
     by_c = {level["concurrency"]: level for level in levels}
@@ -170,26 +184,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the levels this many times in turn, so that a machine's drift hits each alike")
     parser.add_argument("--warmup", type=int, default=1, help="uncounted requests first, one at a time")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--compare-batch", type=batch_seconds, default=None, metavar="SECONDS|REPORT.json")
+    parser.add_argument("--compare-batch", default=None, metavar="SECONDS|REPORT.json")
+    parser.add_argument("--batch-command", default=None, metavar="CMD",
+                        help="run the batch app (writing --compare-batch's report) once per round, in turn with the levels")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
     for name, kind in (("negative-prompt", str), ("steps", int), ("guidance-scale", float), ("height", int),
                        ("width", int), ("mode", str), ("output", str)):
         parser.add_argument(f"--{name}", type=kind, default=None, help="the service's default if not given")
     args = parser.parse_args(argv)
+    if args.batch_command and args.compare_batch is None:
+        parser.error("--batch-command needs --compare-batch REPORT.json: the report it writes")
     fields = ("prompt", "negative_prompt", "steps", "guidance_scale", "height", "width", "mode", "output")
     body = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     seeds = iter(range(args.first_seed, sys.maxsize))
     if args.warmup:
         Level(1).run(args.url, body, args.warmup, seeds, args.timeout)
     levels = {c: Level(c) for c in map(int, args.concurrency.split(","))}
-    for _ in range(args.rounds):
-        for level in levels.values():
-            level.run(args.url, body, args.requests, seeds, args.timeout)
+    batch_runs: list[float] = []
+    turns = [*levels.values(), None] if args.batch_command else [*levels.values()]
+    for r in range(args.rounds):
+        for turn in turns[r % len(turns):] + turns[:r % len(turns)]:  # each round starts one later
+            if turn is None:
+                batch_runs.append(run_batch(args.batch_command, args.compare_batch))
+            else:
+                turn.run(args.url, body, args.requests, seeds, args.timeout)
     levels = [level.summary() for level in levels.values()]
-    checks = verdict(levels, args.compare_batch)
+    batch_s = statistics.median(batch_runs) if batch_runs else (
+        None if args.compare_batch is None else batch_seconds(args.compare_batch))
+    checks = verdict(levels, batch_s)
     print(table(levels, checks))
-    print(json.dumps({"url": args.url, "request": body, "levels": levels} | checks))
+    print(json.dumps({"url": args.url, "request": body, "levels": levels, "batch_runs_s": batch_runs} | checks))
     return 1 if False in (checks["latency_ok"], checks["throughput_ok"]) else 0
 
 

@@ -127,6 +127,7 @@ class Config:
     output_dir: str = "outputs"
     seed: int = 0
     save_latents: bool = False
+    warmup_runs: int = 0  # task=generate: untimed generations first, so the report times a warm one
 
 
 FAKE_RANKS = 2

@@ -50,6 +50,9 @@ def check_request(cfg: DictConfig, world_size: int) -> None:
         return
     if cfg.sampler.steps < 1:
         raise ConfigError(f"sampler.steps={cfg.sampler.steps}: a generation needs at least 1 denoising step")
+    if cfg.warmup_runs < 0:
+        raise ConfigError(f"warmup_runs={cfg.warmup_runs}: the untimed generations before the timed one "
+                          "must be 0 or more")
     if cfg.sampler.guidance_scale < 0:
         raise ConfigError(f"sampler.guidance_scale={cfg.sampler.guidance_scale:g} is negative; use 0 or 1 for "
                           "no classifier-free guidance, or a value above 1 (default 5)")

@@ -41,6 +41,7 @@ def config(*overrides: str) -> DictConfig:
 @pytest.mark.parametrize("overrides,world_size,message", [
     (("sampler.steps=0",), 2, "sampler.steps=0: a generation needs at least 1 denoising step"),
     (("sampler.steps=-5",), 2, "sampler.steps=-5: a generation needs at least 1"),
+    (("warmup_runs=-1",), 2, "warmup_runs=-1: the untimed generations before the timed one must be 0 or more"),
     (("world_size=0",), 0, "world_size=0: a run needs at least 1 rank; leave world_size out"),
     (("world_size=-2",), -2, "world_size=-2: a run needs at least 1 rank"),
     (("sampler.steps=1000",), 2, "the ddim scheduler of model tiny was trained on 1000 timesteps"),

@@ -113,3 +113,20 @@ def test_quality_references_are_each_seeds_own_single_device_image(tmp_path):
     # (60 dB: a root-mean-square pixel error of 1e-3)
     assert [r["seed"] for r in rows] == [5, 6, 7], rows
     assert all(r["latent_rel_err"] < 1e-3 and r["psnr_db"] > 60 for r in rows), rows
+
+
+def test_warm_up_runs_leave_the_image_and_report_the_timed_run(tmp_path):
+    """`warmup_runs` generate on the same pipeline first: the timed run's image is the cold one's
+    (the reused stale, compressed and delta buffers start over), its report counts its steps only."""
+    from backends import launch
+    from distrifusion.generate import generate
+    from test_bad_input import config
+
+    reports = {}
+    for runs in (0, 2):
+        cfg = config(*LAUNCHED, f"warmup_runs={runs}", f"output_dir={tmp_path / str(runs)}")
+        reports[runs] = launch("fake", lambda comm, cfg=cfg: generate(comm, cfg), world_size=2)[0]
+    cold, warm = (torch.load(tmp_path / str(runs) / f"{STEM}.latents.pt") for runs in (0, 2))
+    assert torch.equal(cold, warm)
+    assert len(reports[2]["step_times_s"]) == 5
+    assert reports[2]["bytes_per_step"] == reports[0]["bytes_per_step"]

@@ -185,10 +185,10 @@ def test_a_job_failing_on_every_rank_fails_alone(monkeypatch):
     cfg = config("sampler.steps=2")
     generate = worker.generate
 
-    def failing(comm, cfg, *args):
-        if cfg.prompt == "boom":
+    def failing(comm, cfg, warm, request, job):
+        if request.prompt == "boom":
             raise RuntimeError(f"rank {comm.rank} cannot")
-        return generate(comm, cfg, *args)
+        return generate(comm, cfg, warm, request, job)
 
     monkeypatch.setattr(worker, "generate", failing)
     queue, metrics = JobQueue(4), ServiceMetrics()

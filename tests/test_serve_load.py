@@ -92,3 +92,24 @@ def test_overhead_over_the_batch_time_fails(stand_in, capsys, tmp_path):
                         "--first-seed", "10", "--compare-batch", str(batch))
     assert report["levels"][0]["requests"] == report["levels"][0]["ok"] == 2 and report["batch_s"] == 0.0 and report["overhead_s"] >= GENERATION_S
     assert report["latency_ok"] is False and report["throughput_ok"] is None and code == 1
+
+
+def test_the_batch_app_runs_once_per_round_in_turn_with_the_levels(stand_in, capsys, tmp_path):
+    url, bodies = stand_in
+    report_path, log = tmp_path / "batch.json", tmp_path / "turns.log"
+    # a stand-in batch app: its n-th run reports generation_s = n / 10 and logs its turn
+    command = (f"echo batch >> {log} && {sys.executable} -c \"import json; n = len(open('{log}').read().split()); "
+               f"json.dump({{'generation_s': n / 10}}, open('{report_path}', 'w'))\"")
+    bodies.clear()
+    code, report = _run(url, capsys, "--requests", "1", "--rounds", "3", "--concurrency", "1,4", "--warmup", "0",
+                        "--first-seed", "100", "--compare-batch", str(report_path), "--batch-command", command)
+    assert log.read_text().split() == ["batch"] * 3 and len(bodies) == 6
+    assert report["batch_runs_s"] == pytest.approx([0.1, 0.2, 0.3]) and report["batch_s"] == pytest.approx(0.2)
+    assert report["overhead_s"] == pytest.approx(report["levels"][0]["latency_s"]["p50"] - 0.2)
+
+
+def test_a_batch_command_that_fails_stops_the_run(stand_in, tmp_path):
+    url, _ = stand_in
+    with pytest.raises(SystemExit, match="--batch-command exited 3 without writing"):
+        serve_load.main(["--url", url, "--requests", "1", "--concurrency", "1", "--warmup", "0",
+                         "--compare-batch", str(tmp_path / "none.json"), "--batch-command", "exit 3"])

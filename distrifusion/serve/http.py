@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from .job import Job, JobQueue, Rejected
 from .metrics import ServiceMetrics
-from .request import GenerateRequest, job_config
+from .request import GenerateRequest, JobConfigs
 
 MEDIA_TYPES = {"png": "image/png", "latents": "application/octet-stream"}
 PROMETHEUS = "text/plain; version=0.0.4"
@@ -35,7 +35,7 @@ PROMETHEUS = "text/plain; version=0.0.4"
 
 def create_app(cfg: DictConfig, queue: JobQueue, metrics: ServiceMetrics, world_size: int) -> FastAPI:
     """The ASGI app answering for a service of `world_size` ranks configured by `cfg`."""
-    app = FastAPI(title="distrifusion")
+    app, job_config = FastAPI(title="distrifusion"), JobConfigs(cfg, world_size)
 
     def reject(status: int, reason: str, **headers: str) -> JSONResponse:
         metrics.rejected()
@@ -43,7 +43,7 @@ def create_app(cfg: DictConfig, queue: JobQueue, metrics: ServiceMetrics, world_
 
     def submit(request: GenerateRequest) -> Job | JSONResponse:
         try:
-            return queue.submit(Job(request, job_config(cfg, request, world_size)))
+            return queue.submit(Job(request, job_config(request)))
         except ValueError as e:
             return reject(422, str(e))
         except Rejected as e:

@@ -24,7 +24,7 @@ from . import worker
 from .http import create_app, start
 from .job import JobQueue
 from .metrics import ServiceMetrics
-from .request import GenerateRequest, job_config, resolutions
+from .request import GenerateRequest, JobConfigs, resolutions
 from .warm import WarmPipelines
 
 log = logging.getLogger("distrifusion")
@@ -36,8 +36,9 @@ def check_serve(cfg: DictConfig, world_size: int) -> None:
     if s.max_steps < 1 or s.queue_size < 1 or s.max_warm < 1 or s.linger_s < 0:
         raise ConfigError(f"serve.max_steps={s.max_steps} serve.queue_size={s.queue_size} serve.max_warm="
                           f"{s.max_warm} serve.linger_s={s.linger_s:g}: each must be at least 1 (linger_s 0)")
+    job_config = JobConfigs(cfg, world_size)
     for height, width in resolutions(cfg):
-        job_config(cfg, GenerateRequest(prompt=cfg.prompt, height=height, width=width), world_size)
+        job_config(GenerateRequest(prompt=cfg.prompt, height=height, width=width))
     offered = resolutions(cfg)
     if any(tuple(r) not in offered for r in s.prewarm):
         raise ConfigError(f"serve.prewarm={[list(r) for r in s.prewarm]}: each must be one of {offered}")
@@ -46,10 +47,10 @@ def check_serve(cfg: DictConfig, world_size: int) -> None:
 def serve(comm: Communicator, cfg: DictConfig) -> dict:
     """The `serve` task on one rank; returns when rank 0 shuts the service down."""
     check_serve(cfg, comm.world_size)
-    warm = WarmPipelines(comm, cfg.serve.max_warm)
+    warm, job_config = WarmPipelines(comm, cfg.serve.max_warm), JobConfigs(cfg, comm.world_size)
     for height, width in cfg.serve.prewarm:
         request = GenerateRequest(prompt=cfg.prompt, height=height, width=width)
-        worker.generate(comm, job_config(cfg, request, comm.world_size), warm, request, None)
+        worker.generate(comm, job_config(request), warm, request, None)
     if comm.rank != 0:
         _on_signals(signal.SIG_IGN)
         worker.run(comm, cfg, warm)

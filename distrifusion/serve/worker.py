@@ -24,7 +24,7 @@ from ..generate import sample, to_pil
 from .broadcast import IDLE, SHUTDOWN, failed_ranks, share
 from .job import Job, JobQueue
 from .metrics import ServiceMetrics
-from .request import GenerateRequest, job_config
+from .request import GenerateRequest, JobConfigs
 from .warm import WarmPipelines
 
 log = logging.getLogger("distrifusion")
@@ -45,7 +45,7 @@ def run(comm: Communicator, cfg: DictConfig, warm: WarmPipelines,
         queue: Optional[JobQueue] = None, metrics: Optional[ServiceMetrics] = None) -> None:
     """Serve until rank 0 (which passes the `queue` and `metrics`) shares shutdown, or until the
     launcher that started this process is gone (killed torchrun or mpiexec: no orphans serving)."""
-    launcher = os.getppid()
+    launcher, job_config = os.getppid(), JobConfigs(cfg, comm.world_size)
     while True:
         job = queue.next(idle_wait(cfg)) if comm.rank == 0 else None
         message = share(comm, message_of(job, queue) if comm.rank == 0 else None)
@@ -55,15 +55,15 @@ def run(comm: Communicator, cfg: DictConfig, warm: WarmPipelines,
             return
         if message["kind"] == "idle":
             continue
-        run_job(comm, cfg, warm, GenerateRequest.model_validate(message["request"]), job, metrics)
+        run_job(comm, job_config, warm, GenerateRequest.model_validate(message["request"]), job, metrics)
 
 
-def run_job(comm: Communicator, cfg: DictConfig, warm: WarmPipelines, request: GenerateRequest,
+def run_job(comm: Communicator, job_config: JobConfigs, warm: WarmPipelines, request: GenerateRequest,
             job: Optional[Job], metrics: Optional[ServiceMetrics]) -> None:
     """Collective: generate `request`; rank 0 finishes its `job` with the PNG/latents or the error."""
     error, result, started = None, None, time.perf_counter()
     try:
-        result = generate(comm, job_config(cfg, request, comm.world_size), warm, request, job)
+        result = generate(comm, job_config(request), warm, request, job)
     except CommError:
         raise
     except Exception as e:  # noqa: BLE001 - any other failure fails this job alone
@@ -88,7 +88,8 @@ def run_job(comm: Communicator, cfg: DictConfig, warm: WarmPipelines, request: G
 
 def generate(comm: Communicator, cfg: DictConfig, warm: WarmPipelines, request: GenerateRequest,
              job: Optional[Job]) -> dict[str, torch.Tensor]:
-    """Collective: the image and final latents of `cfg`, as `task=generate` makes them."""
+    """Collective: the image and final latents of `request` (generated as `cfg`, its `JobConfigs`
+    config, says), as `task=generate` makes them."""
     final = {}
 
     def on_step_end(_pipe: Any, step: int, _t: Any, kwargs: dict) -> dict:
@@ -97,7 +98,8 @@ def generate(comm: Communicator, cfg: DictConfig, warm: WarmPipelines, request: 
             job.steps_done = step + 1
         return kwargs
 
-    out = sample(warm.get(cfg), cfg, cfg.seed, on_step_end, negative_prompt=request.negative_prompt or None)
+    out = sample(warm.get(cfg), cfg, request.seed, on_step_end, prompt=request.prompt,
+                 negative_prompt=request.negative_prompt or None)
     return {"image": out.images, "latents": final["latents"]}
 
 
