@@ -24,23 +24,40 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
+    UNet2DConditionModel,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from .model_configs import ModelSpec, get_spec
+from .model_configs import FLOW, ModelSpec, TextEncoderSpec, get_spec
 
 logger = logging.getLogger("distrifusion")
 
 SCHEDULER_KINDS: tuple[str, ...] = ("ddim", "euler")
+T5_ENCODER = "T5EncoderModel"
 
 
 _META_LOCK = threading.Lock()
 
 
 def build_scheduler(kind: str, model_name: str) -> SchedulerMixin:
-    """A fresh scheduler of `kind` ("ddim" or "euler") configured like `model_name`'s."""
-    config = get_spec(model_name).scheduler
+    """A fresh scheduler of `kind` ("ddim" or "euler") configured like `model_name`'s.
+
+    A flow-matching model (SD3, Flux) gets `FlowMatchEulerDiscreteScheduler` for either kind: on
+    its straight noise-to-image path a deterministic DDIM step is exactly the Euler step
+    x + (sigma_next - sigma) * velocity, so both names mean the same sampler there.
+    """
+    spec = get_spec(model_name)
+    config = spec.scheduler
+    if kind in SCHEDULER_KINDS and spec.prediction_type == FLOW:
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     if kind == "ddim":
         return DDIMScheduler.from_config({**config, "clip_sample": False, "set_alpha_to_one": False})
     if kind == "euler":
@@ -58,12 +75,35 @@ def build_tokenizer(pad_token: str = "<|endoftext|>", max_length: int = 77) -> t
     return transformers.CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=max_length)
 
 
+def build_t5_tokenizer(max_length: int) -> transformers.T5TokenizerFast:
+    """An offline T5 tokenizer: a unigram vocabulary of single characters (the printable ASCII
+    ones, the word boundary), T5's special ids (<pad> 0, </s> 1, <unk> 2) and no extra ids."""
+    characters = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in characters]
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
 def build_unet(
     name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> UNet2DConditionModel:
     """The UNet of model `name`: empty on the meta device, else with the random weights of `seed`."""
-    config = copy.deepcopy(get_spec(name).unet)
+    spec = get_spec(name)
+    if spec.unet is None:
+        raise ValueError(f"model {name!r} is a diffusion transformer ({spec.pipeline_class}), not a UNet model")
+    config = copy.deepcopy(spec.unet)
     return _build_module(partial(UNet2DConditionModel.from_config, config), "unet", seed, dtype, device)
+
+
+def build_transformer(
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> ModelMixin:
+    """The diffusion transformer of DiT model `name`: empty on the meta device, else with the
+    random weights of `seed` (those of the pipeline `build_pipeline(name, seed=seed)` builds)."""
+    spec = get_spec(name)
+    if spec.transformer is None:
+        raise ValueError(f"model {name!r} is a UNet model ({spec.pipeline_class}), not a diffusion transformer")
+    make = partial(getattr(diffusers, spec.transformer_class).from_config, copy.deepcopy(spec.transformer))
+    return _build_module(make, "transformer", seed, dtype, device)
 
 
 def build_vae(
@@ -82,18 +122,22 @@ def build_pipeline(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> DiffusionPipeline:
-    """Pipeline `name` with a DDIM scheduler: random weights from `seed`, or those of the directory `path`."""
+    """Pipeline `name` with a DDIM scheduler (flow-matching Euler for SD3 and Flux): random weights
+    from `seed`, or those of the directory `path`."""
     spec = get_spec(name)
     pipeline_class = getattr(diffusers, spec.pipeline_class)
     if path is not None:
         _check_pipeline_dir(Path(path), spec)
         pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if spec.prediction_type != FLOW:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe.to(device)
     logger.warning("building %r with RANDOM weights (seed %d): no checkpoint path was given", name, seed)
     components = _random_components(name, spec, dtype, device, seed)
     if spec.pipeline_class == "StableDiffusionXLPipeline":
         return pipeline_class(**components, add_watermarker=False)
+    if spec.unet is None:
+        return pipeline_class(**components)
     return pipeline_class(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -101,17 +145,27 @@ def _random_components(
     name: str, spec: ModelSpec, dtype: torch.dtype, device: str | torch.device, seed: int
 ) -> dict[str, object]:
     """The pipeline's constructor arguments, every model with random weights."""
+    build_denoiser = build_unet if spec.unet is not None else build_transformer
     components: dict[str, object] = {
-        "unet": build_unet(name, device, dtype, seed),
+        spec.denoiser: build_denoiser(name, device, dtype, seed),
         "vae": build_vae(name, device, dtype, seed),
         "scheduler": build_scheduler("ddim", name),
     }
     for i, encoder in enumerate(spec.text_encoders):
         suffix = "" if i == 0 else f"_{i + 1}"
-        make = partial(getattr(transformers, encoder.class_name), transformers.CLIPTextConfig(**encoder.config))
-        components["text_encoder" + suffix] = _build_module(make, "text_encoder" + suffix, seed, dtype, device)
-        components["tokenizer" + suffix] = build_tokenizer(encoder.pad_token, spec.max_length)
+        components["text_encoder" + suffix] = _build_module(
+            partial(_text_encoder, encoder), "text_encoder" + suffix, seed, dtype, device)
+        if encoder.class_name == T5_ENCODER:
+            components["tokenizer" + suffix] = build_t5_tokenizer(spec.max_sequence_length)
+        else:
+            components["tokenizer" + suffix] = build_tokenizer(encoder.pad_token, spec.max_length)
     return components
+
+
+def _text_encoder(encoder: TextEncoderSpec) -> nn.Module:
+    """An (uninitialised) text encoder of `encoder`'s class and config."""
+    config_class = transformers.T5Config if encoder.class_name == T5_ENCODER else transformers.CLIPTextConfig
+    return getattr(transformers, encoder.class_name)(config_class(**encoder.config))
 
 
 def _build_module(
@@ -142,6 +196,9 @@ def _build_module_locked(
 
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             state.update(zip(shapes, pool.map(draw, shapes)))
+    names = {id(param): name for name, param in module.named_parameters()}
+    tied = {alias: names[id(param)] for alias, param in module.named_parameters(remove_duplicate=False)}
+    state.update({alias: state[name] for alias, name in tied.items()})  # e.g. T5's embed_tokens is `shared`
     module.load_state_dict(state, assign=True)
     return module.to(device).eval()
 

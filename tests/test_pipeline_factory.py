@@ -8,10 +8,20 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from distrifusion.model_configs import MODEL_NAMES, MODELS, get_spec
-from distrifusion.pipeline_factory import build_pipeline, build_scheduler, build_tokenizer, build_unet
+from distrifusion.model_configs import FLOW, MODEL_NAMES, MODELS, get_spec
+from distrifusion.pipeline_factory import (
+    build_pipeline,
+    build_scheduler,
+    build_t5_tokenizer,
+    build_tokenizer,
+    build_transformer,
+    build_unet,
+)
+
+UNET_MODELS = [name for name in MODEL_NAMES if MODELS[name].unet is not None]
+DIT_MODELS = [name for name in MODEL_NAMES if MODELS[name].transformer is not None]
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -103,11 +113,16 @@ def test_bad_paths_raise_clear_errors(tiny, tmp_path):
 
 
 def test_unknown_names_raise_with_the_choices():
-    for build in (build_pipeline, build_unet, lambda name: build_scheduler("ddim", name)):
-        with pytest.raises(ValueError, match="sdxl.*sd15.*sd21.*tiny"):
-            build("sd3")
-    with pytest.raises(ValueError, match="ddim.*euler"):
-        build_scheduler("pndm", "sdxl")
+    for build in (build_pipeline, build_unet, build_transformer, lambda name: build_scheduler("ddim", name)):
+        with pytest.raises(ValueError, match="sdxl.*sd15.*sd21.*tiny.*pixart.*sd3.*flux"):
+            build("sd4")
+    for kind in ("pndm", "flow"):
+        with pytest.raises(ValueError, match="ddim.*euler"):
+            build_scheduler(kind, "sd3")
+    with pytest.raises(ValueError, match="diffusion transformer"):
+        build_unet("flux")
+    with pytest.raises(ValueError, match="UNet"):
+        build_transformer("tiny")
 
 
 @pytest.mark.parametrize(
@@ -124,7 +139,23 @@ def test_unet_builds_on_meta_with_the_published_size(name, expected):
         assert count < 5e6
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize(
+    "name, expected", [("pixart_sigma", 610.9e6), ("sd3_medium", 2.028e9), ("flux_dev", 11.90e9), ("pixart", None),
+                       ("sd3", None), ("flux", None)]
+)
+def test_transformer_builds_on_meta_with_the_published_size(name, expected):
+    transformer = build_transformer(name, dtype=torch.bfloat16)
+    params = list(transformer.parameters())
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in params)
+    assert type(transformer).__name__ == get_spec(name).transformer_class
+    count = sum(p.numel() for p in params)
+    if expected is not None:
+        assert abs(count - expected) / expected < 0.01, count
+    else:
+        assert count < 2e5
+
+
+@pytest.mark.parametrize("name", UNET_MODELS)
 def test_spec_is_consistent(name):
     spec = get_spec(name)
     unet, vae = spec.unet, spec.vae
@@ -143,20 +174,64 @@ def test_spec_is_consistent(name):
         assert len(spec.text_encoders) == 1
 
 
+@pytest.mark.parametrize("name", DIT_MODELS)
+def test_dit_spec_is_consistent(name):
+    spec = get_spec(name)
+    dit, vae = spec.transformer, spec.vae
+    assert spec.unet is None and spec.denoiser == "transformer"
+    assert spec.vae_scale_factor == 2 ** (len(vae["block_out_channels"]) - 1)
+    encoders = {e.class_name: e.config for e in spec.text_encoders}
+    t5 = encoders.pop("T5EncoderModel")
+    clips = [e.config for e in spec.text_encoders if e.class_name != "T5EncoderModel"]
+    assert spec.text_encoders[-1].class_name == "T5EncoderModel" and spec.max_sequence_length
+    if spec.pipeline_class == "FluxPipeline":
+        assert dit["in_channels"] == 4 * vae["latent_channels"] and spec.latent_pixels_per_token == 2
+        assert sum(dit["axes_dims_rope"]) == dit["attention_head_dim"]
+        assert dit["joint_attention_dim"] == t5["d_model"]
+        assert dit["pooled_projection_dim"] == clips[0]["hidden_size"]  # CLIPTextModel's pooled output
+        assert not spec.classifier_free_guidance and dit["guidance_embeds"]
+        return
+    assert dit["sample_size"] * spec.vae_scale_factor == spec.resolution
+    assert dit["in_channels"] == vae["latent_channels"] and spec.latent_pixels_per_token == dit["patch_size"]
+    if spec.pipeline_class == "PixArtSigmaPipeline":
+        assert dit["caption_channels"] == t5["d_model"] and not clips
+        assert dit["out_channels"] == 2 * dit["in_channels"]  # learned sigma
+    else:
+        assert dit["joint_attention_dim"] == t5["d_model"] >= sum(c["hidden_size"] for c in clips)
+        assert dit["pooled_projection_dim"] == sum(c["projection_dim"] for c in clips)
+        assert dit["pos_embed_max_size"] * dit["patch_size"] >= dit["sample_size"]
+
+
 def test_published_values():
     assert {n: (MODELS[n].pipeline_class, MODELS[n].resolution) for n in MODEL_NAMES} == {
         "sdxl": ("StableDiffusionXLPipeline", 1024),
         "sd15": ("StableDiffusionPipeline", 512),
         "sd21": ("StableDiffusionPipeline", 768),
         "tiny": ("StableDiffusionXLPipeline", 64),
+        "pixart_sigma": ("PixArtSigmaPipeline", 1024),
+        "sd3_medium": ("StableDiffusion3Pipeline", 1024),
+        "flux_dev": ("FluxPipeline", 1024),
+        "pixart": ("PixArtSigmaPipeline", 64),
+        "sd3": ("StableDiffusion3Pipeline", 64),
+        "flux": ("FluxPipeline", 64),
     }
+    flux = MODELS["flux_dev"].transformer
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"], flux["attention_head_dim"]) \
+        == (19, 38, 24, 128)
+    assert flux["axes_dims_rope"] == [16, 56, 56] and flux["in_channels"] == 64
+    assert (MODELS["flux_dev"].vae["scaling_factor"], MODELS["flux_dev"].vae["shift_factor"]) == (0.3611, 0.1159)
+    assert (MODELS["sd3_medium"].vae["scaling_factor"], MODELS["sd3_medium"].vae["shift_factor"]) == (1.5305, 0.0609)
+    assert MODELS["sd3_medium"].transformer["num_layers"] == 24
+    assert MODELS["pixart_sigma"].transformer["num_layers"] == 28
+    assert [MODELS[n].max_sequence_length for n in ("pixart_sigma", "sd3_medium", "flux_dev")] == [300, 256, 512]
     assert MODELS["sdxl"].unet["transformer_layers_per_block"] == [1, 2, 10]
     assert [e.config["hidden_size"] for e in MODELS["sdxl"].text_encoders] == [768, 1280]
     assert MODELS["sd21"].unet["attention_head_dim"] == [5, 10, 20, 20]
     assert MODELS["sd21"].unet["use_linear_projection"] is True
     sd21_text = MODELS["sd21"].text_encoders[0].config
     assert (sd21_text["hidden_size"], sd21_text["num_hidden_layers"]) == (1024, 23)
-    assert [MODELS[n].prediction_type for n in MODEL_NAMES] == ["epsilon", "epsilon", "v_prediction", "epsilon"]
+    assert [MODELS[n].prediction_type for n in MODEL_NAMES] == ["epsilon", "epsilon", "v_prediction", "epsilon",
+                                                                 "epsilon", FLOW, FLOW, "epsilon", FLOW, FLOW]
 
 
 def test_schedulers_follow_the_model():
@@ -169,6 +244,16 @@ def test_schedulers_follow_the_model():
     euler = build_scheduler("euler", "sdxl")
     assert isinstance(euler, EulerDiscreteScheduler) and euler.config.prediction_type == "epsilon"
     assert build_scheduler("ddim", "sdxl") is not build_scheduler("ddim", "sdxl")
+    pixart = build_scheduler("ddim", "pixart_sigma").config
+    assert (pixart.beta_schedule, pixart.beta_start, pixart.beta_end) == ("linear", 0.0001, 0.02)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "euler"])
+def test_flow_models_sample_with_flow_matching_euler(kind):
+    sd3, flux = build_scheduler(kind, "sd3_medium"), build_scheduler(kind, "flux")
+    assert isinstance(sd3, FlowMatchEulerDiscreteScheduler) and isinstance(flux, FlowMatchEulerDiscreteScheduler)
+    assert sd3.config.shift == 3.0 and not sd3.config.use_dynamic_shifting
+    assert flux.config.use_dynamic_shifting and flux.config.max_shift == 1.15
 
 
 def test_offline_tokenizer():
@@ -180,4 +265,30 @@ def test_offline_tokenizer():
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a cat !"
     assert build_tokenizer(pad_token="!")("cat", padding="max_length").input_ids[-1] == 0
     for spec in MODELS.values():
-        assert all(len(tokenizer) <= e.config["vocab_size"] for e in spec.text_encoders)
+        assert all(len(tokenizer) <= e.config["vocab_size"] for e in spec.text_encoders if "CLIP" in e.class_name)
+
+
+def test_offline_t5_tokenizer():
+    tokenizer = build_t5_tokenizer(max_length=12)
+    assert len(tokenizer) == get_spec("flux").text_encoders[-1].config["vocab_size"] == 98
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    ids = tokenizer("A cat!", padding="max_length", max_length=12, truncation=True).input_ids
+    assert ids == [3, *tokenizer.convert_tokens_to_ids(["A", "\u2581", "c", "a", "t", "!"]), 1, 0, 0, 0, 0]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "A cat!"
+    assert tokenizer("é").input_ids == [3, 2, 1]  # outside the vocabulary: <unk>
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3", "flux"])
+def test_tiny_dit_pipelines_are_seeded_and_finite(name):
+    pipe = build_pipeline(name, seed=3)
+    spec = get_spec(name)
+    assert type(pipe).__name__ == spec.pipeline_class and pipe.vae_scale_factor == spec.vae_scale_factor
+    assert type(pipe.transformer).__name__ == spec.transformer_class
+    again = build_pipeline(name, seed=3).transformer.state_dict()
+    other = build_pipeline(name, seed=4).transformer.state_dict()
+    for key, tensor in pipe.transformer.state_dict().items():
+        assert torch.isfinite(tensor).all() and torch.equal(tensor, again[key]), key
+    assert any(not torch.equal(t, other[k]) for k, t in pipe.transformer.state_dict().items())
+    t5 = pipe.components[f"text_encoder_{len(spec.text_encoders)}" if len(spec.text_encoders) > 1 else "text_encoder"]
+    assert t5.encoder.embed_tokens.weight.device.type == "cpu"
+    assert torch.equal(t5.encoder.embed_tokens.weight, t5.shared.weight)
