@@ -64,12 +64,22 @@ def default_resolution(model: str) -> int:
     return get_spec(model).resolution
 
 
+def guidance(cfg: DictConfig) -> bool:
+    """`cfg.cfg`, or where null whether the model's pipeline runs classifier-free guidance
+    (Flux-dev does not: its guidance is an embedding)."""
+    if cfg.cfg is not None:
+        return cfg.cfg
+    from distrifusion.model_configs import get_spec
+
+    return get_spec(cfg.model.name).classifier_free_guidance
+
+
 def run(cfg: DictConfig) -> Prediction:
     """Predict the configured run; write its CSV row and timeline where asked."""
     hardware, profile, resolution = setting(cfg)
     options = parallel_options(cfg.parallel)
     mode = options.pop("mode")
-    prediction = predict(cfg.model.name, resolution, cfg.world_size, mode, hardware, cfg.steps, cfg=cfg.cfg,
+    prediction = predict(cfg.model.name, resolution, cfg.world_size, mode, hardware, cfg.steps, cfg=guidance(cfg),
                          dtype=model_dtype(cfg.model), profile=profile, cache_dir=cfg.trace_cache,
                          graphs=cfg.graphs.value, **options)
     hydra_cfg = HydraConfig.get()
@@ -98,7 +108,7 @@ def run_advise(cfg: DictConfig) -> dict:
     hardware, profile, resolution = setting(cfg)
     options = parallel_options(cfg.parallel)
     return advise(cfg.model.name, resolution, hardware, cfg.max_devices or hardware.num_devices, cfg.steps,
-                  cfg=cfg.cfg, dtype=model_dtype(cfg.model), groupnorm=options["groupnorm"], profile=profile,
+                  cfg=guidance(cfg), dtype=model_dtype(cfg.model), groupnorm=options["groupnorm"], profile=profile,
                   cache_dir=cfg.trace_cache, graphs=cfg.graphs.value, vae=options["vae"],
                   vae_chunk_mib=options["vae_chunk_mib"], compress=options["compress"], delta=options["delta"])
 

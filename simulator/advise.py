@@ -51,24 +51,29 @@ def device_counts(model: str, resolution: int, max_devices: int, split_cfg: bool
     """Device counts >= 2 up to `max_devices` whose row patches the model's latent height allows.
 
     With split CFG (and CFG on) a count must be even and each guidance branch's image is cut
-    into half as many patches.
+    into half as many patches. A diffusion transformer's patches are rows of its token grid, as
+    uneven as need be but at least one row each.
     """
     from distrifusion.model_configs import get_spec
     from distrifusion.patch_unet import check_height
 
+    from .unet_run import latent_size
+
     spec = get_spec(model)
-    levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
+    latent = latent_size(model, resolution)
     split = split_cfg and cfg
-    counts = []
-    for n in range(2, max_devices + 1):
-        if split and n % 2:
-            continue
+
+    def fits(patches: int) -> bool:
+        if spec.unet is None:
+            return patches <= latent // spec.latent_pixels_per_token
+        levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
         try:
-            check_height(resolution // spec.vae_scale_factor, n // 2 if split else n, levels)
+            check_height(latent, patches, levels)
         except ValueError:
-            continue
-        counts.append(n)
-    return counts
+            return False
+        return True
+
+    return [n for n in range(2, max_devices + 1) if not (split and n % 2) and fits(n // 2 if split else n)]
 
 
 def setups(model: str, resolution: int, max_devices: int, cfg: bool = True) -> list[Setup]:

@@ -2,7 +2,9 @@
 
 The rank convolves exactly its own latent rows (zero padding, no halo) and its self-attention
 attends over all of its image's tokens (the other patches' K/V are copies of its own), so no
-patch-parallel runtime can do a rank's step with less work. The single-device step divided by
+patch-parallel runtime can do a rank's step with less work. A diffusion transformer's rank runs
+its own image tokens (and the text tokens) through every block, its attention over all image
+tokens. The single-device step divided by
 this one is the best speedup patch parallelism can reach on a device before communication
 (`shared/reference/h100_sdxl_patch_ceiling.json` measured it on an H100). With split CFG a
 rank's image is cut into `world_size / 2` patches, as in the real run.

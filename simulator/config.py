@@ -79,7 +79,8 @@ class SimulateConfig:
         `mode`, `warmup_steps`, `groupnorm`, `split_cfg`, `vae`, `vae_chunk_mib`, `compress` and
         `delta` (see `parallel_options`).
     resolution: image height and width (null: the model's default).
-    cfg: classifier-free guidance, i.e. a batch of 2 per UNet call.
+    cfg: classifier-free guidance, i.e. a batch of 2 per denoiser call (null: as the model's
+        pipeline runs, on for all but the guidance-distilled Flux).
     calibration: a `CalibrationProfile` JSON replacing roofline op times where it measured.
     trace_cache: directory of cached traces (null: ~/.cache/distrifusion/traces).
     timeline: write a Chrome trace of the first `timeline_steps` steps (0: all) to the run dir.
@@ -101,7 +102,7 @@ class SimulateConfig:
     resolution: Optional[int] = None
     world_size: int = 8
     steps: int = 50
-    cfg: bool = True
+    cfg: Optional[bool] = None
     calibration: Optional[str] = None
     trace_cache: Optional[str] = None
     timeline: bool = False

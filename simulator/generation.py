@@ -7,10 +7,12 @@ pipeline on the `meta` device and runs, under an `OpCounter` and a `LiveMemory`:
 - `text_encoders`: the pipeline's own `encode_prompt` for one prompt with classifier-free
   guidance as the app asks for it (no negative prompt): SDXL's pipeline encodes the prompt once
   and uses zeros for the negative branch (`force_zeros_for_empty_prompt`); SD 1.5/2.1 also
-  encode the empty negative prompt. CLIP pads every prompt to 77 tokens, so no prompt is
-  special.
+  encode the empty negative prompt. CLIP pads every prompt to 77 tokens (T5, for the diffusion
+  transformers, to the pipeline's `max_sequence_length`), so no prompt is special. SD3 and
+  Flux give each of their text encoders the same prompt; Flux has no negative branch.
 - `scheduler_step`: one step's work outside the UNet, as diffusers' sampling loop does it: the
-  latents doubled for the two guidance branches, `scale_model_input`, the guidance combine
+  latents doubled for the two guidance branches, `scale_model_input` (not in flow-matching
+  samplers), the guidance combine
   `uncond + g * (text - uncond)` and the sampler's `step`. Scalar arithmetic on the
   sampler's host-side tables (0-dim tensors only) is dropped: on a GPU it runs on the host.
 - `vae_decode`: the whole decode, as one device runs it and as the app runs it when the UNet
@@ -42,6 +44,7 @@ from .workload import DEFAULT_CACHE, cached_at, code_version
 SAMPLERS = ("ddim", "euler")  # distrifusion.pipeline_factory.SCHEDULER_KINDS, read without torch
 GUIDANCE_SCALE = 5.0  # conf/sampler's; any value > 1 runs the same ops
 LIBRARIES = ("torch", "diffusers", "transformers")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the pipelines' attribute names
 # Host time of one sampling-loop step around a stubbed UNet (diffusers' SDXL loop, DDIM, CFG):
 # 0.20 ms measured on this project's 2-core CPU VM (tiny model, 52 minus 2 steps, best of 10).
 # It is exposed on a GPU: DDIM indexes its host table with the step's device timestep, which
@@ -120,28 +123,31 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
     from .live_memory import LiveMemory, storage_bytes
     from .meta_memo import MetaMemo
     from .op_counter import OpCounter
+    from .prompt_encoding import encode_prompt
     from .unet_run import latent_size
     from .vae_decode import decode_on_meta, pipeline_decode_dtype
 
     args = stages_args(model, resolution, dtype, cfg, sampler)
     spec, torch_dtype, meta = get_spec(model), getattr(torch, dtype), torch.device("meta")
-    latent_shape = (1, spec.unet["in_channels"], *(latent_size(model, resolution),) * 2)
+    latent_shape = (1, spec.vae["latent_channels"], *(latent_size(model, resolution),) * 2)
     with quiet_loggers("distrifusion", "diffusers"), torch.no_grad(), MetaMemo(), OpCounter() as counter:
         pipe = build_pipeline(model, dtype=torch_dtype, device=meta)
         counter.cut("set-up")
         with LiveMemory() as text_memory:
-            pipe.encode_prompt("a lighthouse", device=meta, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+            encode_prompt(pipe, "a lighthouse", meta, cfg)
         text = _event(counter, "text encoders")
 
         scheduler = build_scheduler(sampler, model)
-        scheduler.set_timesteps(50)
+        # Flux shifts its schedule by the image's token count; any shift runs the same ops
+        scheduler.set_timesteps(50, **({"mu": 1.0} if scheduler.config.get("use_dynamic_shifting") else {}))
         if hasattr(scheduler, "set_begin_index"):  # as the pipeline does: no search of the timestep table
             scheduler.set_begin_index(0)
         t = scheduler.timesteps[0]
         latents = torch.empty(latent_shape, dtype=torch_dtype, device=meta)
         noise = torch.empty((2 if cfg else 1, *latent_shape[1:]), dtype=torch_dtype, device=meta)
         counter.cut("set-up")
-        scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+        if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
+            scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
         if cfg:
             uncond, cond = noise.chunk(2)
             noise = uncond + GUIDANCE_SCALE * (cond - uncond)
@@ -152,7 +158,7 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
         decode_dtype = getattr(torch, pipeline_decode_dtype(model, dtype))
         decode_weights, decode_peak = decode_on_meta(vae, latents, decode_dtype, pipe.image_processor)
         decode = _event(counter, "vae decode")
-    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    encoders = [m for m in (getattr(pipe, name, None) for name in TEXT_ENCODERS) if m is not None]
     memory = {
         "text_encoders_weights_bytes": storage_bytes(p for m in encoders for p in (*m.parameters(), *m.buffers())),
         "text_encoders_peak_bytes": text_memory.peak,

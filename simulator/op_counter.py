@@ -147,7 +147,7 @@ class _AttentionMode(TorchFunctionMode):
         counter = self.counter
         if func is not F.scaled_dot_product_attention or counter.paused:
             return func(*args, **kwargs)
-        query, key, value = args[:3]
+        query, key, value = (*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):]))[:3]
         with counter.pause():
             start = counter.begin()
             if query.device.type == "meta":

@@ -1,5 +1,6 @@
-"""One rank of a patch-parallel UNet, played alone: the emulated rank the simulator records
-(on the meta device) and calibrates (on a real device), one denoising step per `step()`."""
+"""One rank of a patch-parallel denoiser (a UNet or a diffusion transformer), played alone: the
+emulated rank the simulator records (on the meta device) and calibrates (on a real device), one
+denoising step per `step()`."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from backends.emulated import EmulatedCommunicator
 from backends.recording import Recorder
 from distrifusion import ParallelConfig, parallelize
 from distrifusion.model_configs import get_spec
-from distrifusion.pipeline_factory import build_unet
+from distrifusion.pipeline_factory import build_transformer, build_unet
 from distrifusion.rank_replica import unet_replica
 
 from .op_counter import OpCounter
+from .transformer_inputs import transformer_inputs
 
 PROMPT_TOKENS = 77
 COMM = "emulated_comm"
@@ -50,11 +52,14 @@ def role_rank(world_size: int) -> int:
 
 
 def latent_size(model: str, resolution: int) -> int:
-    """Latent height and width of a square `resolution` image; ValueError if it does not divide."""
-    factor = get_spec(model).vae_scale_factor
-    if resolution <= 0 or resolution % factor:
-        raise ValueError(f"resolution {resolution} must be a positive multiple of {model}'s VAE factor {factor}")
-    return resolution // factor
+    """Latent height and width of a square `resolution` image; ValueError unless it is a whole
+    number of latent pixels (of image tokens, for a diffusion transformer)."""
+    spec = get_spec(model)
+    unit = spec.vae_scale_factor * (spec.latent_pixels_per_token if spec.transformer is not None else 1)
+    if resolution <= 0 or resolution % unit:
+        what = "VAE factor" if spec.transformer is None else "VAE factor times image token side"
+        raise ValueError(f"resolution {resolution} must be a positive multiple of {model}'s {what} {unit}")
+    return resolution // spec.vae_scale_factor
 
 
 def unet_inputs(model: str, resolution: int, batch: int, dtype: torch.dtype, device: str | torch.device,
@@ -83,8 +88,24 @@ def unet_inputs(model: str, resolution: int, batch: int, dtype: torch.dtype, dev
     return inputs
 
 
+def build_denoiser(model: str, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`model`'s denoising model (its UNet or its transformer), empty on meta."""
+    build = build_unet if get_spec(model).unet is not None else build_transformer
+    return build(model, device, dtype)
+
+
+def denoiser_inputs(model: str, denoiser: torch.nn.Module, resolution: int, batch: int, dtype: torch.dtype,
+                    device: str | torch.device, graphable: bool = False) -> dict[str, Any]:
+    """Keyword arguments of one call of `denoiser`, `model`'s UNet (`unet_inputs`) or
+    transformer (`transformer_inputs.transformer_inputs`, whose timestep is always a tensor)."""
+    if get_spec(model).unet is not None:
+        return unet_inputs(model, resolution, batch, dtype, device, graphable=graphable)
+    return transformer_inputs(model, denoiser, latent_size(model, resolution), batch, dtype, device)
+
+
 class EmulatedUNet:
-    """Rank `rank` of `world_size` running `model`'s UNet patch-parallel in `mode`.
+    """Rank `rank` of `world_size` running `model`'s denoiser (its UNet, or its diffusion
+    transformer: `unet` holds either) patch-parallel in `mode`.
 
     Collectives go through a `Recorder` (with `on_event`) over a `QuietEmulated` rank, so
     `recorder.records` lists them and `counter` sees only the model's own ops. Every
@@ -99,13 +120,13 @@ class EmulatedUNet:
                  compress: str = "none", delta: bool = False, on_event: Callable[[dict], None] | None = None, rank: int | None = None,
                  unet: torch.nn.Module | None = None, graphable: bool = False):
         self.rank = role_rank(world_size) if rank is None else rank
-        self.unet = build_unet(model, device, dtype) if unet is None else unet_replica(unet)
+        self.unet = build_denoiser(model, device, dtype) if unet is None else unet_replica(unet)
         self.comm = QuietEmulated(world_size, self.rank, device, counter)
         self.recorder = Recorder(self.comm, on_event)
         config = ParallelConfig(mode=mode, warmup_steps=warmup_steps, groupnorm=groupnorm, split_cfg=split_cfg,
                                 compress=compress, delta=delta, cuda_graph=not graphable)
         parallelize(self.unet, self.recorder, config)
-        self.inputs = unet_inputs(model, resolution, 2 if cfg else 1, dtype, device, graphable=graphable)
+        self.inputs = denoiser_inputs(model, self.unet, resolution, 2 if cfg else 1, dtype, device, graphable)
 
     @property
     def context(self) -> Any:

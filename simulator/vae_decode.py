@@ -2,7 +2,7 @@
 
 The pipeline decodes once its loop ends (`decode_on_meta`, which `simulator.generation` runs for
 the whole decode too): SDXL's pipeline casts a float16 VAE to float32 first (`force_upcast`) and
-back after, the latents are unscaled and decoded, the image is denormalised to [0, 1]
+back after, the latents are unscaled (and unshifted, for SD3 and Flux) and decoded, the image is denormalised to [0, 1]
 (`postprocess`, output "pt") and kept in float32. With `parallel.vae=patch` and a patch mode
 (`distrifusion.patch_vae`) every rank decodes its rows of the latent and the image rows are
 all-gathered; post-processing then runs on every rank on the whole image.
@@ -75,7 +75,10 @@ def decode_on_meta(vae: Any, latents: Any, decode_dtype: Any, image_processor: A
     vae.to(decode_dtype)
     weights = storage_bytes((*vae.parameters(), *vae.buffers()))
     with LiveMemory() as memory:
-        image = vae.decode(latents.to(decode_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(decode_dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):  # SD3's and Flux's latents are shifted too
+            latents = latents + vae.config.shift_factor
+        image = vae.decode(latents, return_dict=False)[0]
         image_processor.postprocess(image, output_type="pt").to(torch.float32)
         del image
     vae.to(run_dtype)

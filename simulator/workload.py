@@ -1,6 +1,7 @@
 """Record the trace the simulator replays, from the real algorithm run on the meta device.
 
-`record(...)` builds the model's UNet on `meta` (shapes, no data), patches it with
+`record(...)` builds the model's denoiser, its UNet or its diffusion transformer (PixArt, SD3,
+Flux), on `meta` (shapes, no data), patches it with
 `distrifusion.parallelize` over an emulated rank wrapped in a `Recorder`, and runs three
 denoising steps under an `OpCounter` that is cut at every collective:
 
@@ -15,7 +16,8 @@ names the previous step's issue of that exchange (the engine matches the latest 
 One role holds every rank: with row patches every rank runs the same layers on equally
 sized patches and issues the same collectives with the same bytes; only the first and last
 patch fill their missing halo with zeros instead of copying it, a difference of a few
-row copies. The rank recorded is `unet_run.role_rank` (an interior one where possible).
+row copies. (A DiT's token rows may split unevenly: the first ranks then hold one row more,
+and every gather carries the largest patch.) The rank recorded is `unet_run.role_rank` (an interior one where possible).
 
 A single device (world_size 1) is always recorded as mode "none": patching one rank would
 only add the slicing and the one-rank output gather. Traces are cached as JSON, keyed by
@@ -60,7 +62,8 @@ def trace_args(model: str, resolution: int, world_size: int, mode: str, warmup_s
 
 
 # the simulator's modules whose code shapes a recording (the rest only price or show it)
-RECORDING_MODULES = ("workload", "unet_run", "op_counter", "meta_memo", "ceiling", "full_token_attention",
+RECORDING_MODULES = ("workload", "unet_run", "transformer_inputs", "prompt_encoding", "op_counter", "meta_memo",
+                     "ceiling", "full_token_attention",
                      "generation", "memory", "live_memory", "vae_decode")
 
 
