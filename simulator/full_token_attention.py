@@ -1,14 +1,18 @@
-"""The ceiling's UNet (see `simulator.ceiling`): self-attention over every patch's tokens with
-no exchange, recorded on the meta device."""
+"""The ceiling's denoiser (see `simulator.ceiling`): attention over every patch's tokens with no
+exchange, recorded on the meta device."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
+from distrifusion.dit_attention import PatchTokenAttention
+from distrifusion.model_configs import get_spec
 from distrifusion.patch_attention import PatchSelfAttention
 from distrifusion.patch_context import PatchContext
+
+T = TypeVar("T")
 
 
 class FullTokenAttention(PatchSelfAttention):
@@ -33,14 +37,37 @@ class FullTokenAttention(PatchSelfAttention):
         return PatchSelfAttention._attend(attn, query, self.kv[0], self.kv[1])
 
 
-def to_ceiling(unet: torch.nn.Module) -> torch.nn.Module:
-    """Turn a UNet parallelized in mode `naive_patch` into the ceiling's (its self-attention
-    attends over every patch's tokens); returns it."""
-    ctx = unet.forward.ctx
-    for module in unet.modules():
-        if isinstance(getattr(module, "processor", None), PatchSelfAttention):
-            module.set_processor(FullTokenAttention(ctx))
-    return unet
+class NoExchange:
+    """Stands in for a DiT attention's `Exchange` in a synchronous step: `run(fresh, use)` hands
+    `use` a buffer with a slot per patch, made on the first call from copies of that call's
+    values (the attention writes its own slot fresh), and sends nothing."""
+
+    def __init__(self, patches: int):
+        self.patches, self.buffer = patches, None
+
+    def run(self, fresh: torch.Tensor, use: Callable[[torch.Tensor], T], sync: bool = False) -> T:
+        if self.buffer is None or self.buffer.shape[1:] != fresh.shape:
+            self.buffer = fresh.expand(self.patches, *fresh.shape).clone()
+        return use(self.buffer)
+
+
+def ceiling_mode(model: str) -> str:
+    """The mode the ceiling is made from: a UNet's "naive_patch" (no halos, no shared GroupNorm
+    statistics), a DiT's "sync_patch" (its attention reads every patch's K/V; it has nothing else
+    to exchange)."""
+    return "naive_patch" if get_spec(model).unet is not None else "sync_patch"
+
+
+def to_ceiling(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """Turn a denoiser parallelized in `ceiling_mode` into the ceiling's (its attention attends
+    over every patch's tokens, nothing exchanged); returns it."""
+    for module in denoiser.modules():
+        processor: Any = getattr(module, "processor", None)
+        if isinstance(processor, PatchSelfAttention):
+            module.set_processor(FullTokenAttention(processor.ctx))
+        elif isinstance(processor, PatchTokenAttention):
+            processor.exchange = NoExchange(processor.ctx.world_size)
+    return denoiser
 
 
 def record_ceiling(model: str, resolution: int, world_size: int, split_cfg: bool = True, cfg: bool = True,
@@ -52,7 +79,7 @@ def record_ceiling(model: str, resolution: int, world_size: int, split_cfg: bool
     from .unet_run import EmulatedUNet
 
     counter = OpCounter()
-    run = EmulatedUNet(model, resolution, world_size, "naive_patch", counter, device="meta",
+    run = EmulatedUNet(model, resolution, world_size, ceiling_mode(model), counter, device="meta",
                        dtype=getattr(torch, dtype), cfg=cfg, warmup_steps=1, split_cfg=split_cfg)
     to_ceiling(run.unet)
     with MetaMemo():
