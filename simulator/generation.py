@@ -134,7 +134,7 @@ def record_stages(model: str, resolution: int, dtype: str = "float16", cfg: bool
         pipe = build_pipeline(model, dtype=torch_dtype, device=meta)
         counter.cut("set-up")
         with LiveMemory() as text_memory:
-            encode_prompt(pipe, "a lighthouse", meta, cfg)
+            encode_prompt(pipe, "a lighthouse", meta, cfg, spec.max_sequence_length)
         text = _event(counter, "text encoders")
 
         scheduler = build_scheduler(sampler, model)

@@ -21,13 +21,15 @@ class PaddedPromptMasks(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def encode_prompt(pipe: Any, prompt: str, device: Any, cfg: bool) -> None:
-    """`pipe.encode_prompt` of one `prompt` as the pipeline's `__call__` runs it: every text
+def encode_prompt(pipe: Any, prompt: str, device: Any, cfg: bool, max_sequence_length: int | None = None) -> None:
+    """`pipe.encode_prompt` of one `prompt` as the app's pipeline call runs it: every text
     encoder on its own prompt (the same one), the negative branch with `cfg` where the pipeline
-    has one (Flux's has none)."""
+    has one (Flux's has none), T5's prompt padded to `max_sequence_length` (the model spec's)."""
     params = inspect.signature(pipe.encode_prompt).parameters
-    kwargs = {name: prompt for name in ("prompt_2", "prompt_3") if name in params}
+    kwargs: dict[str, Any] = {name: prompt for name in ("prompt_2", "prompt_3") if name in params}
     if "do_classifier_free_guidance" in params:
         kwargs["do_classifier_free_guidance"] = cfg
+    if max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
     with PaddedPromptMasks():
         pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, **kwargs)

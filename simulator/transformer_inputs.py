@@ -9,8 +9,10 @@
 - SD3 (`SD3Transformer2DModel`): the latent (B, C, h, w); CLIP's 77 tokens followed by the
   T5 tokens (77 + 256 = 333 for SD3-medium) and the pooled CLIP embeddings.
 - PixArt (`PixArtTransformer2DModel`): the latent (B, C, h, w); the T5 tokens (300 for
-  PixArt-Sigma) and, where the model uses them (PixArt-alpha at 1024), the resolution and
-  aspect-ratio conditions.
+  PixArt-Sigma) with their attention mask and, where the model uses them (PixArt-alpha at
+  1024), the resolution and aspect-ratio conditions.
+
+Prompt tokens are the model spec's, as the app passes them to the pipeline.
 
 Tensors are random on a real device and empty on meta (shapes only).
 """
@@ -76,5 +78,6 @@ def transformer_inputs(model: str, transformer: torch.nn.Module, latent: int, ba
     conditions = ({"resolution": torch.full((batch, 2), pixels, device=device, dtype=dtype),
                    "aspect_ratio": torch.ones((batch, 1), device=device, dtype=dtype)}
                   if transformer.use_additional_conditions else {"resolution": None, "aspect_ratio": None})
+    mask = torch.ones((batch, tokens), device=device, dtype=torch.long)  # the tokenizer's
     return {**inputs, "encoder_hidden_states": tensor(batch, tokens, config.caption_channels),
-            "added_cond_kwargs": conditions}
+            "encoder_attention_mask": mask, "added_cond_kwargs": conditions}
