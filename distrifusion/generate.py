@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import resource
 import threading
@@ -100,18 +101,49 @@ def sample(pipe: Any, cfg: DictConfig, seed: int, on_step_end: Callable, prompt:
     height, width = image_size(cfg.model)
     generator = torch.Generator(pipe.comm.device).manual_seed(seed)
     noise = initial_noise(pipe, height, width, generator)
-    return pipe(cfg.prompt if prompt is None else prompt, negative_prompt=negative_prompt, height=height, width=width,
+    options = pipeline_options(pipe, cfg.model.name, on_step_end)
+    if negative_prompt is not None:  # else each pipeline's own default
+        options["negative_prompt"] = negative_prompt
+    return pipe(cfg.prompt if prompt is None else prompt, height=height, width=width,
                 num_inference_steps=cfg.sampler.steps, guidance_scale=cfg.sampler.guidance_scale,
-                generator=generator, latents=noise, output_type="pt", callback_on_step_end=on_step_end)
+                generator=generator, latents=noise, output_type="pt", **options)
+
+
+def pipeline_options(pipe: Any, model_name: str, on_step_end: Callable) -> dict[str, Any]:
+    """The call options of `pipe` that differ between pipeline families: the step callback
+    (PixArt's is the older `callback(step, t, latents)`), the DiTs' T5 prompt length, and PixArt's
+    requested size taken as given (no snapping to its aspect-ratio bins, no caption cleaning,
+    which needs packages the app does not)."""
+    spec = get_spec(model_name)
+    options: dict[str, Any] = {}
+    if spec.max_sequence_length is not None:
+        options["max_sequence_length"] = spec.max_sequence_length
+    if "callback_on_step_end" not in _call_parameters(pipe):
+        options.update(use_resolution_binning=False, clean_caption=False,
+                       callback=lambda step, t, latents: on_step_end(pipe, step, t, {"latents": latents}))
+    else:
+        options["callback_on_step_end"] = on_step_end
+    return options
+
+
+def _call_parameters(pipe: Any) -> Any:
+    """The parameters of the wrapped diffusers pipeline's `__call__`."""
+    return inspect.signature(type(getattr(pipe, "pipe", pipe)).__call__).parameters
 
 
 def initial_noise(pipe: Any, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """The starting latent noise, drawn in float32 and cast to the UNet's dtype, so one seed
-    starts every dtype from the same noise and their images can be compared."""
+    """The starting latent noise, drawn in float32 and cast to the denoiser's dtype, so one seed
+    starts every dtype from the same noise and their images can be compared. Pipelines that pack
+    2x2 latent pixels into each token (Flux) get the noise packed, as they would draw it."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     f = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // f, width // f)
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(pipe.unet.dtype)
+    pack = getattr(pipe, "_pack_latents", None)
+    channels = denoiser.config.in_channels // (4 if pack else 1)
+    rows, cols = (2 * (height // (2 * f)), 2 * (width // (2 * f))) if pack else (height // f, width // f)
+    noise = torch.randn((1, channels, rows, cols), generator=generator, device=generator.device, dtype=torch.float32)
+    if pack:
+        noise = pack(noise, 1, channels, rows, cols)
+    return noise.to(denoiser.dtype)
 
 
 def _bytes_per_step(recorder: Recorder, marks: list[int]) -> list[dict[str, int]]:

@@ -9,7 +9,7 @@ variants for CPU tests. Treat everything here as read-only: builders copy what t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 Config = dict[str, Any]
@@ -328,6 +328,9 @@ class TextEncoderSpec:
     pad_token: str = "<|endoftext|>"
 
 
+T5_XXL_ENCODER = TextEncoderSpec("T5EncoderModel", T5_XXL, pad_token="<pad>")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to build one pipeline from scratch: a UNet model (`unet`) or a diffusion
@@ -420,7 +423,7 @@ MODELS: dict[str, ModelSpec] = {
         transformer=PIXART_SIGMA_TRANSFORMER,
         transformer_class="PixArtTransformer2DModel",
         vae=SDXL_VAE,
-        text_encoders=(TextEncoderSpec("T5EncoderModel", T5_XXL, pad_token="<pad>"),),
+        text_encoders=(T5_XXL_ENCODER,),
         noise_schedule=PIXART_SCHEDULER,
         max_sequence_length=300,
     ),
@@ -435,7 +438,7 @@ MODELS: dict[str, ModelSpec] = {
         text_encoders=(
             TextEncoderSpec("CLIPTextModelWithProjection", CLIP_L),
             TextEncoderSpec("CLIPTextModelWithProjection", OPENCLIP_BIGG, pad_token="!"),
-            TextEncoderSpec("T5EncoderModel", T5_XXL, pad_token="<pad>"),
+            T5_XXL_ENCODER,
         ),
         noise_schedule=SD3_SCHEDULER,
         max_sequence_length=256,
@@ -450,57 +453,30 @@ MODELS: dict[str, ModelSpec] = {
         vae=FLUX_VAE,
         text_encoders=(
             TextEncoderSpec("CLIPTextModel", CLIP_L),
-            TextEncoderSpec("T5EncoderModel", T5_XXL, pad_token="<pad>"),
+            T5_XXL_ENCODER,
         ),
         noise_schedule=FLUX_SCHEDULER,
         max_sequence_length=512,
         classifier_free_guidance=False,
     ),
-    "pixart": ModelSpec(
-        pipeline_class="PixArtSigmaPipeline",
-        resolution=64,
-        vae_scale_factor=2,
-        prediction_type="epsilon",
-        transformer=TINY_PIXART_TRANSFORMER,
-        transformer_class="PixArtTransformer2DModel",
-        vae=TINY_VAE,
-        text_encoders=(TextEncoderSpec("T5EncoderModel", TINY_T5, pad_token="<pad>"),),
-        noise_schedule=PIXART_SCHEDULER,
-        max_sequence_length=16,
-    ),
-    "sd3": ModelSpec(
-        pipeline_class="StableDiffusion3Pipeline",
-        resolution=64,
-        vae_scale_factor=2,
-        prediction_type=FLOW,
-        transformer=TINY_SD3_TRANSFORMER,
-        transformer_class="SD3Transformer2DModel",
-        vae=TINY_SD3_VAE,
-        text_encoders=(
-            TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_1),
-            TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_2, pad_token="!"),
-            TextEncoderSpec("T5EncoderModel", TINY_T5, pad_token="<pad>"),
-        ),
-        noise_schedule=SD3_SCHEDULER,
-        max_sequence_length=16,
-    ),
-    "flux": ModelSpec(
-        pipeline_class="FluxPipeline",
-        resolution=64,
-        vae_scale_factor=2,
-        prediction_type=FLOW,
-        transformer=TINY_FLUX_TRANSFORMER,
-        transformer_class="FluxTransformer2DModel",
-        vae=TINY_FLUX_VAE,
-        text_encoders=(
-            TextEncoderSpec("CLIPTextModel", TINY_CLIP_1),
-            TextEncoderSpec("T5EncoderModel", TINY_T5, pad_token="<pad>"),
-        ),
-        noise_schedule=FLUX_SCHEDULER,
-        max_sequence_length=16,
-        classifier_free_guidance=False,
-    ),
 }
+
+
+def _tiny(real: ModelSpec, transformer: Config, vae: Config, *text_encoders: TextEncoderSpec) -> ModelSpec:
+    """A CPU-sized variant of the DiT `real`: its pipeline, schedule and guidance, 64 px images."""
+    return replace(real, resolution=64, vae_scale_factor=2, transformer=transformer, vae=vae,
+                   text_encoders=text_encoders, max_sequence_length=64)
+
+
+TINY_T5_ENCODER = TextEncoderSpec("T5EncoderModel", TINY_T5, pad_token="<pad>")
+MODELS.update({
+    "pixart": _tiny(MODELS["pixart_sigma"], TINY_PIXART_TRANSFORMER, TINY_VAE, TINY_T5_ENCODER),
+    "sd3": _tiny(MODELS["sd3_medium"], TINY_SD3_TRANSFORMER, TINY_SD3_VAE,
+                 TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_1),
+                 TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_2, pad_token="!"), TINY_T5_ENCODER),
+    "flux": _tiny(MODELS["flux_dev"], TINY_FLUX_TRANSFORMER, TINY_FLUX_VAE, TextEncoderSpec("CLIPTextModel", TINY_CLIP_1),
+                  TINY_T5_ENCODER),
+})
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 

@@ -1,7 +1,7 @@
 """What a run of the app asks for, checked before any work, with errors that say what to change.
 
-`check_request` needs the config and the number of ranks alone: no model is built (the VAE factor
-and the UNet's depth come from `model_configs`, the step limit from the scheduler itself).
+`check_request` needs the config and the number of ranks alone: no model is built (the VAE factor,
+the UNet's depth and a DiT's token size come from `model_configs`, the step limit from the scheduler itself).
 `check_ranks` runs at the start of every rank: one small collective compares the ranks' resolved
 configs, so ranks launched with different overrides all stop together, then `check_request`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +21,8 @@ from backends import Communicator
 
 from .config import Config, Task
 from .generate import image_size
-from .model_configs import get_spec
+from .exact_rows import split_rows
+from .model_configs import FLOW, ModelSpec, get_spec
 from .parallel_config import COMPRESSIONS, GROUPNORMS, ParallelConfig
 from .patch_unet import check_height
 from .pipeline_factory import build_scheduler
@@ -64,15 +66,37 @@ def check_request(cfg: DictConfig, world_size: int) -> None:
         scheduler = build_scheduler(cfg.sampler.name, cfg.model.name)
     except ValueError as e:
         raise ConfigError(f"sampler.name={cfg.sampler.name}: {e} (or pick one with sampler=NAME)") from e
-    _check_steps(scheduler, cfg)
-    for key in ("height", "width"):
-        size = cfg.model[key]
-        if size is not None and (size <= 0 or size % 8):
-            raise ConfigError(f"model.{key}={size}: the diffusers pipelines need a positive multiple of 8 "
-                              f"(or leave it out: {spec.resolution} for model {cfg.model.name})")
+    if spec.prediction_type != FLOW:  # a flow schedule's timesteps are continuous: any count is distinct
+        _check_steps(scheduler, cfg)
+    _check_size(cfg, spec)
     check_image_cut(cfg, parallel, world_size)
     if cfg.task == Task.quality:
         check_quality(cfg)
+
+
+def _check_size(cfg: DictConfig, spec: ModelSpec) -> None:
+    """Raise `ConfigError` unless the image's sides suit the model: multiples of 8 (the diffusers
+    pipelines' rule), for a DiT also of its token side in pixels (VAE factor x latent pixels per
+    token), and for SD3 at most as many tokens as its position embedding table holds."""
+    unit, rule = 8, "the diffusers pipelines need a positive multiple of 8"
+    if spec.transformer is not None:
+        token = spec.vae_scale_factor * spec.latent_pixels_per_token
+        unit = math.lcm(8, token)
+        rule = (f"model {cfg.model.name} ({spec.pipeline_class}) needs a positive multiple of {unit} (8, and "
+                f"{token} pixels per image token: VAE factor {spec.vae_scale_factor} x {spec.latent_pixels_per_token} "
+                "latent pixels per token)")
+    for key in ("height", "width"):
+        size = cfg.model[key]
+        if size is not None and (size <= 0 or size % unit):
+            raise ConfigError(f"model.{key}={size}: {rule} (or leave it out: {spec.resolution} for model "
+                              f"{cfg.model.name})")
+    most = (spec.transformer or {}).get("pos_embed_max_size")
+    if most is not None:
+        token = spec.vae_scale_factor * spec.latent_pixels_per_token
+        for key, size in zip(("height", "width"), image_size(cfg.model)):
+            if size > most * token:
+                raise ConfigError(f"model.{key}={size}: model {cfg.model.name} ({spec.pipeline_class}) embeds "
+                                  f"positions of at most {most} tokens ({most * token} pixels) per side")
 
 
 def check_quality(cfg: DictConfig) -> None:
@@ -118,16 +142,22 @@ def check_image_cut(cfg: DictConfig, parallel: ParallelConfig, world_size: int) 
         parallel = ParallelConfig(**{**OmegaConf.to_container(cfg.parallel), "mode": "displaced"})
     if parallel.mode == "none":
         return
-    split = parallel.split_cfg and cfg.sampler.guidance_scale > 1 and world_size % 2 == 0
-    patches = world_size // 2 if split else world_size
     spec = get_spec(cfg.model.name)
+    guided = spec.classifier_free_guidance and cfg.sampler.guidance_scale > 1
+    split = parallel.split_cfg and guided and world_size % 2 == 0
+    patches = world_size // 2 if split else world_size
     height, _ = image_size(cfg.model)
-    levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
     try:
-        check_height(height // spec.vae_scale_factor, patches, levels, spec.vae_scale_factor)
+        if spec.transformer is not None:
+            token = spec.vae_scale_factor * spec.latent_pixels_per_token
+            split_rows(height // token, patches)  # image token rows of `token` pixels
+        else:
+            levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
+            check_height(height // spec.vae_scale_factor, patches, levels, spec.vae_scale_factor)
     except ValueError as e:
         how = f" (split CFG: {patches} row patches per guidance branch)" if split else ""
-        raise ConfigError(f"model.height={height} on {world_size} ranks{how}: {e}") from e
+        tokens = f" of image tokens, {token} pixels high" if spec.transformer is not None else ""
+        raise ConfigError(f"model.height={height} on {world_size} ranks{how}: {e}{tokens}") from e
 
 
 def check_same_config(comm: Communicator, cfg: DictConfig) -> None:

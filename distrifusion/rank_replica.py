@@ -1,6 +1,6 @@
 """Per-rank replicas of one pipeline for ranks that share a process (the fake backend).
 
-Patching installs per-rank forwards on the UNet's and the VAE's modules, and schedulers and
+Patching installs per-rank forwards on the denoiser's (UNet's, DiT's) and the VAE's modules, and schedulers and
 (fast) tokenizers keep per-call state, so each rank needs its own of these; the weights are
 shared, so N in-process ranks cost one copy of the model's memory.
 """
@@ -26,11 +26,13 @@ def vae_replica(vae: torch.nn.Module) -> torch.nn.Module:
 
 
 def replica(pipe: Any) -> Any:
-    """A shallow copy of `pipe` with its own UNet and VAE modules (sharing weights), scheduler and tokenizers."""
+    """A shallow copy of `pipe` with its own UNet (or diffusion transformer) and VAE modules
+    (sharing weights), scheduler and tokenizers."""
     twin = copy.copy(pipe)
-    twin.unet = unet_replica(pipe.unet)
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    setattr(twin, denoiser, unet_replica(getattr(pipe, denoiser)))
     twin.vae = vae_replica(pipe.vae)
-    for name in ("scheduler", "tokenizer", "tokenizer_2"):
+    for name in ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3"):
         if getattr(pipe, name, None) is not None:
             setattr(twin, name, copy.deepcopy(getattr(pipe, name)))
     return twin
