@@ -24,6 +24,10 @@ from .patch_context import PatchContext
 from .patch_unet import _take
 from .token_rows import TokenRows
 
+# inputs of whole-grid residuals or extra K/V the patched blocks would not cut or exchange
+UNSUPPORTED_INPUTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
+UNSUPPORTED_ATTENTION_INPUTS = ("ip_adapter_image_embeds", "ip_hidden_states")
+
 
 class DiTForward:
     """A replacement `transformer.forward` with the same signature. This one, for mode "none",
@@ -77,6 +81,10 @@ class PatchDiTForward(DiTForward):
                                  before_capture=ctx.finish)
 
     def run(self, inputs: dict) -> torch.Tensor:
+        unsupported = [name for name in UNSUPPORTED_INPUTS if inputs.get(name) is not None]
+        unsupported += [name for name in UNSUPPORTED_ATTENTION_INPUTS if name in (inputs.get("joint_attention_kwargs") or {})]
+        if unsupported:
+            raise ValueError(f"patch parallelism does not support {unsupported} (ControlNet/IP-Adapter) yet")
         ctx = self.ctx
         batch = inputs["hidden_states"].shape[0]
         ctx.use_branches(2 if self.split_guidance and ctx.can_split(batch) else 1)

@@ -3,6 +3,7 @@ configs, float32), ranks as threads of this process (the fake backend)."""
 
 from __future__ import annotations
 
+import bisect
 import copy
 
 import pytest
@@ -99,12 +100,12 @@ def parallel_call(model: torch.nn.Module, world_size: int, config: ParallelConfi
 
 
 def denoise(comm, model: torch.nn.Module, config: ParallelConfig, family: str, steps: int = 10,
-            probe=None, generations: int = 1) -> torch.Tensor:
+            probe=None, generations: int = 1, device: str = "cpu") -> torch.Tensor:
     """x <- x - 0.1 * model(x) for `steps` steps with a slowly falling timestep on a 6 x 4 token
     grid; the final x (of the last of `generations`, each started by `ctx.reset()`).
     `probe(model, step)` runs after every step."""
     mine = parallelize(unet_replica(model), comm, config)
-    args = inputs(family, 1, 6, 4)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs(family, 1, 6, 4).items()}
     start = args.pop("hidden_states")
     del args["timestep"]
     for _ in range(generations):
@@ -112,7 +113,7 @@ def denoise(comm, model: torch.nn.Module, config: ParallelConfig, family: str, s
             mine.forward.ctx.reset()
         x = start
         for step in range(steps):
-            out = mine(hidden_states=x, timestep=timestep(family, step, 1), **args, return_dict=False)[0]
+            out = mine(hidden_states=x, timestep=timestep(family, step, 1).to(device), **args, return_dict=False)[0]
             x = x - 0.1 * out[:, :x.shape[1]]
             if probe is not None:
                 probe(mine, step)
@@ -229,33 +230,31 @@ def test_displaced_steady_steps_overlap_communication_and_allocate_no_buffers(mo
     """Flux (double- and single-stream blocks), 2 ranks, warm-up 2: steady steps start every
     attention layer's gather asynchronously and wait for it a step later, in buffers allocated
     before (int8: 8-bit payloads)."""
-    steps, seen = 6, {}
+    steps, step_ends, allocations = 6, [], []
 
     def body(comm):
         rec = Recorder(comm)
 
         def probe(mine, step):
-            seen.setdefault(comm.rank, []).append((mine.forward.ctx.allocations, len(rec.records), len(rec.events)))
+            if comm.rank == 0:
+                step_ends.append(len(rec.events))
+                allocations.append(mine.forward.ctx.allocations)
 
         config = ParallelConfig(mode="displaced", warmup_steps=2, split_cfg=False, compress=compress)
         denoise(rec, models["flux"], config, "flux", steps, probe=probe)
         return rec
 
     rec = spawn(body, 2)[0]
-    allocations = [a for a, _, _ in seen[0]]
     assert allocations[0] > 0 and len(set(allocations)) == 1, allocations
-    ends = [0] + [n for _, n, _ in seen[0]]
-    records = [rec.records[lo:hi] for lo, hi in zip(ends, ends[1:])]
-    layers = [r for r in records[0] if r.tag.startswith("attn:")]
-    assert len(layers) == 3 and not any(r.async_op for r in records[0] + records[1])
-    event_ends = [e for _, _, e in seen[0]]
-    wait_step = {e["id"]: next(s for s, end in enumerate(event_ends) if e["index"] < end)
-                 for e in rec.events if e["op"] == "wait" and e["index"] < event_ends[-1]}
-    for s in range(2, steps - 1):
-        exchanged = [r for r in records[s] if r.tag.startswith("attn:")]
-        assert len(exchanged) == len(layers) and all(r.async_op for r in exchanged)
-        assert all(wait_step[r.id] == s + 1 for r in exchanged), "stale gathers are waited a step later"
-        assert all(r.dtype == ("uint8" if compress == "int8" else "float32") for r in exchanged)
+    step_of = lambda event_index: bisect.bisect_right(step_ends, event_index)  # noqa: E731
+    layers = [r for r in rec.records if r.tag.startswith("attn:")]
+    for step in range(steps - 1):  # the last step's gathers are waited for after it
+        issued = [r for r in layers if step_of(r.issue_index) == step]
+        assert len(issued) == 3, "one gather per attention layer (1 double-stream, 2 single-stream blocks)"
+        steady = step >= 2
+        assert all(r.async_op == steady and step_of(r.wait_index) == step + steady for r in issued), \
+            "warm-up gathers are waited at once, steady ones a step later"
+        assert all(r.dtype == ("uint8" if steady and compress == "int8" else "float32") for r in issued)
 
 
 def test_a_displaced_step_attends_to_its_own_fresh_tokens():
@@ -294,9 +293,13 @@ def test_reset_starts_a_new_generation_of_a_bare_transformer(models):
     assert all(torch.equal(a, b) for a, b in zip(once, twice))
 
 
-def test_fewer_token_rows_than_ranks_is_a_clear_error(models):
+def test_fewer_token_rows_than_ranks_and_controlnet_inputs_are_clear_errors(models):
+    config = ParallelConfig(mode="sync_patch", split_cfg=False)
     with pytest.raises(RankFailed, match="3 rows cannot be cut into 4 row patches"):
-        parallel_call(models["sd3"], 4, ParallelConfig(mode="sync_patch", split_cfg=False), inputs("sd3", 1, 3, 2))
+        parallel_call(models["sd3"], 4, config, inputs("sd3", 1, 3, 2))
+    residuals = dict(inputs("sd3", 1, 4, 2), block_controlnet_hidden_states=[torch.zeros(1, 8, 16)])
+    with pytest.raises(RankFailed, match=r"does not support \['block_controlnet_hidden_states'\]"):
+        parallel_call(models["sd3"], 2, config, residuals)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -316,3 +319,21 @@ def test_displaced_step_obeys_cuda_dtype_rules(models, family, dtype):
     for split_cfg in (True, False):
         for out, calls in spawn(body, 2, split_cfg):
             assert calls > 100 and out.dtype == dtype and out.isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_session.sh measures them)")
+@pytest.mark.parametrize("mode", ["none", "displaced"])
+def test_graphed_steps_equal_eager_steps_on_cuda(models, mode):
+    """On CUDA, mode none graphs every step and displaced its steady steps (one graph each)."""
+    model = copy.deepcopy(models["flux"]).cuda()
+
+    def body(comm, graphed):
+        captured = []
+        config = ParallelConfig(mode=mode, warmup_steps=2, split_cfg=False, cuda_graph=graphed)
+        x = denoise(comm, model, config, "flux", 6, lambda mine, _: captured.append(len(mine.forward.graphs.graphs)),
+                    device="cuda")
+        return x, captured[-1]
+
+    (eager, _), = spawn(body, 1, False, device="cuda")
+    (graphed, captured), = spawn(body, 1, True, device="cuda")
+    assert captured == 1 and rel(graphed, eager) < 1e-5
