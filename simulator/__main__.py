@@ -3,6 +3,8 @@
     python -m simulator model=sdxl resolution=3840 world_size=8 hardware=a100_sxm_nvlink \\
         parallel=displaced steps=50 [parallel.warmup_steps=2] [model.dtype=bfloat16] [graphs=warm] \\
         [parallel.compress=int8] [parallel.delta=true]
+    python -m simulator model=flux_dev resolution=2048 world_size=8 hardware=h100_pcie steps=28 \\
+        model.dtype=bfloat16      # a diffusion transformer (pixart_sigma, sd3_medium, flux_dev); cfg follows the model
     python -m simulator -m world_size=1,2,4,8 resolution=1024,2048 hardware=a100_sxm_nvlink,a100_pcie
     python -m simulator advise model=sdxl resolution=2048 hardware=a100_pcie max_devices=8
 
@@ -40,14 +42,14 @@ def table(p: Prediction) -> str:
     """The parallel run and the single-device baseline side by side, then the latency's parts."""
     s, summary = p.setup, p.summary()
     lines = [f"{s['model']} {s['resolution']}px, {s['steps']} steps, {s['dtype']} on {s['hardware']}",
-             f"{'':<22}{'latency':>10}{'UNet':>10}{'compute':>10}{'comm':>10}{'exposed':>10}{'sent/device':>14}"]
+             f"{'':<22}{'latency':>10}{'denoiser':>10}{'compute':>10}{'comm':>10}{'exposed':>10}{'sent/device':>14}"]
     sent = "" if s["compress"] == "none" else f" +{s['compress']}" + (" +delta" if s["delta"] else "")
     for name, r, total in ((f"{s['world_size']} x {s['parallel']}{sent}", p.result, p.latency_s),
                            ("1 device", p.baseline, p.baseline_latency_s)):
         lines.append(f"{name:<22}{total:>9.3f}s{r.latency_s:>9.3f}s{r.compute_s:>9.3f}s{r.comm_s:>9.3f}s"
                      f"{r.comm_exposed_s:>9.3f}s{r.comm_bytes_per_device / 2**20:>10.1f} MiB")
     step = "-" if summary["step_ms"] is None else f"{summary['step_ms']:.1f} ms"
-    lines.append(f"speedup {p.speedup:.2f}x (UNet loop {summary['unet_speedup']:.2f}x, compute-only ceiling "
+    lines.append(f"speedup {p.speedup:.2f}x (denoising loop {summary['unet_speedup']:.2f}x, compute-only ceiling "
                  f"{summary['ceiling_speedup']:.2f}x); text encoders "
                  f"{summary['text_encoders_s']:.3f}s, scheduler {summary['scheduler_s']:.3f}s, "
                  f"VAE decode {summary['vae_decode_s']:.3f}s ({summary['vae_decode']})")
