@@ -371,6 +371,11 @@ class ModelSpec:
         packing = 2 if self.pipeline_class == "FluxPipeline" else 1
         return packing * self.transformer["patch_size"]
 
+    @property
+    def pixels_per_token(self) -> int:
+        """A DiT's image token side in image pixels: the VAE factor x `latent_pixels_per_token`."""
+        return self.vae_scale_factor * self.latent_pixels_per_token
+
 
 MODELS: dict[str, ModelSpec] = {
     "sdxl": ModelSpec(
@@ -474,8 +479,8 @@ MODELS.update({
     "sd3": _tiny(MODELS["sd3_medium"], TINY_SD3_TRANSFORMER, TINY_SD3_VAE,
                  TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_1),
                  TextEncoderSpec("CLIPTextModelWithProjection", TINY_CLIP_2, pad_token="!"), TINY_T5_ENCODER),
-    "flux": _tiny(MODELS["flux_dev"], TINY_FLUX_TRANSFORMER, TINY_FLUX_VAE, TextEncoderSpec("CLIPTextModel", TINY_CLIP_1),
-                  TINY_T5_ENCODER),
+    "flux": _tiny(MODELS["flux_dev"], TINY_FLUX_TRANSFORMER, TINY_FLUX_VAE,
+                  TextEncoderSpec("CLIPTextModel", TINY_CLIP_1), TINY_T5_ENCODER),
 })
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)

@@ -80,7 +80,7 @@ def _check_size(cfg: DictConfig, spec: ModelSpec) -> None:
     token), and for SD3 at most as many tokens as its position embedding table holds."""
     unit, rule = 8, "the diffusers pipelines need a positive multiple of 8"
     if spec.transformer is not None:
-        token = spec.vae_scale_factor * spec.latent_pixels_per_token
+        token = spec.pixels_per_token
         unit = math.lcm(8, token)
         rule = (f"model {cfg.model.name} ({spec.pipeline_class}) needs a positive multiple of {unit} (8, and "
                 f"{token} pixels per image token: VAE factor {spec.vae_scale_factor} x {spec.latent_pixels_per_token} "
@@ -92,11 +92,11 @@ def _check_size(cfg: DictConfig, spec: ModelSpec) -> None:
                               f"{cfg.model.name})")
     most = (spec.transformer or {}).get("pos_embed_max_size")
     if most is not None:
-        token = spec.vae_scale_factor * spec.latent_pixels_per_token
         for key, size in zip(("height", "width"), image_size(cfg.model)):
-            if size > most * token:
+            if size > most * spec.pixels_per_token:
                 raise ConfigError(f"model.{key}={size}: model {cfg.model.name} ({spec.pipeline_class}) embeds "
-                                  f"positions of at most {most} tokens ({most * token} pixels) per side")
+                                  f"positions of at most {most} tokens ({most * spec.pixels_per_token} pixels) "
+                                  "per side")
 
 
 def check_quality(cfg: DictConfig) -> None:
@@ -149,14 +149,13 @@ def check_image_cut(cfg: DictConfig, parallel: ParallelConfig, world_size: int) 
     height, _ = image_size(cfg.model)
     try:
         if spec.transformer is not None:
-            token = spec.vae_scale_factor * spec.latent_pixels_per_token
-            split_rows(height // token, patches)  # image token rows of `token` pixels
+            split_rows(height // spec.pixels_per_token, patches)  # the rows of image tokens
         else:
             levels = len(spec.unet["down_block_types"]) - 1  # diffusers halves after every down block but the last
             check_height(height // spec.vae_scale_factor, patches, levels, spec.vae_scale_factor)
     except ValueError as e:
         how = f" (split CFG: {patches} row patches per guidance branch)" if split else ""
-        tokens = f" of image tokens, {token} pixels high" if spec.transformer is not None else ""
+        tokens = f" of image tokens, {spec.pixels_per_token} pixels high" if spec.transformer is not None else ""
         raise ConfigError(f"model.height={height} on {world_size} ranks{how}: {e}{tokens}") from e
 
 

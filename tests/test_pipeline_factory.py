@@ -186,6 +186,7 @@ def test_dit_spec_is_consistent(name):
     assert spec.text_encoders[-1].class_name == "T5EncoderModel" and spec.max_sequence_length
     if spec.pipeline_class == "FluxPipeline":
         assert dit["in_channels"] == 4 * vae["latent_channels"] and spec.latent_pixels_per_token == 2
+        assert spec.pixels_per_token == 2 * spec.vae_scale_factor
         assert sum(dit["axes_dims_rope"]) == dit["attention_head_dim"]
         assert dit["joint_attention_dim"] == t5["d_model"]
         assert dit["pooled_projection_dim"] == clips[0]["hidden_size"]  # CLIPTextModel's pooled output
