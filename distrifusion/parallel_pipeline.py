@@ -98,7 +98,8 @@ class DistriPipeline:
         FluxPipeline embeds its guidance scale instead; its "true CFG" calls the transformer
         twice a step, which would cross the two calls' stale activations: refused."""
         if isinstance(self.pipe, FluxPipeline):
-            if kwargs.get("true_cfg_scale", 1.0) > 1:
+            negative = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+            if negative and kwargs.get("true_cfg_scale", 1.0) > 1:
                 raise ValueError("FluxPipeline's true_cfg_scale > 1 (two transformer calls a step) is not "
                                  "supported in the patch modes")
             return False

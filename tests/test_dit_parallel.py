@@ -16,7 +16,8 @@ from backends.fake import RankFailed, spawn
 from backends.recording import Recorder
 from distrifusion import ParallelConfig, parallelize
 from distrifusion.patch_dit import DiTForward
-from distrifusion.rank_replica import unet_replica
+from distrifusion.pipeline_factory import build_pipeline
+from distrifusion.rank_replica import replica, unet_replica
 from distrifusion.token_rows import TokenRows
 from strict_dtypes import StrictDtypes
 
@@ -319,6 +320,28 @@ def test_displaced_step_obeys_cuda_dtype_rules(models, family, dtype):
     for split_cfg in (True, False):
         for out, calls in spawn(body, 2, split_cfg):
             assert calls > 100 and out.dtype == dtype and out.isfinite().all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_ranks_return_the_image_of_mode_none(family):
+    """parallelize(pipe) for the tiny pipelines, 2 ranks, sync_patch, rank 0 decoding alone
+    (PixArt/SD3: one guidance branch per rank): every rank returns the single-device image, to
+    float32 rounding (1e-5, ~100 eps, for two steps' reordered sums). Flux's true CFG is refused."""
+    pipe = build_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+
+    def body(comm, mode, kwargs=None):
+        mine = parallelize(replica(pipe), comm, ParallelConfig(mode=mode, vae="none"))
+        return mine("a lighthouse", height=64, width=48, num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(0), **(kwargs or {})).images
+
+    whole = spawn(body, 1, "none")[0]
+    images = spawn(body, 2, "sync_patch")
+    assert whole.shape == (1, 3, 64, 48) and all(torch.equal(image, images[0]) for image in images)
+    assert rel(images[0], whole) < 1e-5
+    if family == "flux":
+        with pytest.raises(RankFailed, match="true_cfg_scale"):
+            spawn(body, 2, "displaced", {"negative_prompt": "fog", "true_cfg_scale": 2.0})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_session.sh measures them)")
