@@ -60,7 +60,8 @@ def transformer_inputs(model: str, transformer: torch.nn.Module, latent: int, ba
         return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
     tokens = text_tokens(spec)
-    timestep = torch.full((batch,), 999.0, device=device)
+    # the first step's timestep as the pipelines pass it: Flux's in [0, 1] (the model scales it by 1000)
+    timestep = torch.full((batch,), 1.0 if family == "FluxTransformer2DModel" else 999.0, device=device)
     if family == "FluxTransformer2DModel":
         side = latent // spec.latent_pixels_per_token
         inputs = {"hidden_states": tensor(batch, side * side, config.in_channels),

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from strict_dtypes import StrictDtypes
 
 from distrifusion.model_configs import get_spec
 from distrifusion.pipeline_factory import build_pipeline, build_transformer
 from distrifusion.token_rows import TokenRows
 from simulator import load_hardware, workload
+from simulator.op_counter import OpCounter
 from simulator.predict import predict
 from simulator.transformer_inputs import transformer_inputs
-from simulator.unet_run import latent_size
+from simulator.unet_run import EmulatedUNet, latent_size
 from simulator.workload import cache_path, load_or_record, trace_args
 
 RES = 64  # the tiny models' native size: a 32 x 32 latent
@@ -94,6 +96,17 @@ def test_the_runner_gives_the_transformer_what_its_pipeline_gives_it(model):
     if model == "flux":
         cpu = transformer_inputs(model, pipe.transformer, latent_size(model, RES), batch, torch.float32, "cpu")
         assert torch.equal(cpu["img_ids"], seen["img_ids"]) and torch.equal(cpu["txt_ids"], seen["txt_ids"])
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3", "pixart"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_emulated_rank_runs_in_half_precision_on_a_real_device(model, dtype):
+    """The runner's inputs in `dtype` on the CPU, under CUDA's dtype rules (what calibration runs)."""
+    run = EmulatedUNet(model, RES, 2, "displaced", OpCounter(), device="cpu", dtype=dtype,
+                       cfg=get_spec(model).classifier_free_guidance)
+    with StrictDtypes():
+        out = run.step()
+    assert out.dtype == dtype and torch.isfinite(out).all()
 
 
 def test_displaced_hides_the_exchange_that_sync_patch_waits_for_on_a_slow_link(cache):
