@@ -78,21 +78,23 @@ class CudaGraphed:
 
 
 class StepGraphs:
-    """UNet steps through CUDA graphs, one `CudaGraphed` per input shape (and caller's key).
+    """Denoising steps through CUDA graphs, one `CudaGraphed` per shape of the input named
+    `latent` (and caller's key).
 
     The timestep becomes a per-sample tensor, so a replay reads each step's value from its
     static buffer instead of baking the captured step's value into the graph.
     """
 
-    def __init__(self, step: Callable[..., torch.Tensor], before_capture: Callable[[], None] = lambda: None):
-        self.step, self.before_capture = step, before_capture
+    def __init__(self, step: Callable[..., torch.Tensor], before_capture: Callable[[], None] = lambda: None,
+                 latent: str = "sample"):
+        self.step, self.before_capture, self.latent = step, before_capture, latent
         self.graphs: dict[tuple, CudaGraphed] = {}
 
     def __call__(self, inputs: dict, key: tuple = ()) -> torch.Tensor:
-        sample = inputs["sample"]
+        sample = inputs[self.latent]
         inputs["timestep"] = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1).expand(
             sample.shape[0]).contiguous()
         key = (tuple(sample.shape), *key)
         if key not in self.graphs:
-            self.graphs[key] = CudaGraphed(self.step, f"UNet step {list(sample.shape)}", self.before_capture)
+            self.graphs[key] = CudaGraphed(self.step, f"step {list(sample.shape)}", self.before_capture)
         return self.graphs[key](**inputs)

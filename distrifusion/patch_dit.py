@@ -11,7 +11,6 @@ attention processors of `dit_attention`, and the all-gather of every rank's fina
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -19,9 +18,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .compressed_exchange import activation_exchange
 from .cuda_graph import StepGraphs
+from .denoiser_forward import DenoiserForward, take_branch
 from .dit_attention import PatchTokenAttention, PatchTokens, check_attention
 from .patch_context import PatchContext
-from .patch_unet import _take
 from .token_rows import TokenRows
 
 # inputs of whole-grid residuals or extra K/V the patched blocks would not cut or exchange
@@ -29,39 +28,11 @@ UNSUPPORTED_INPUTS = ("block_controlnet_hidden_states", "controlnet_block_sample
 UNSUPPORTED_ATTENTION_INPUTS = ("ip_adapter_image_embeds", "ip_hidden_states")
 
 
-class DiTForward:
-    """A replacement `transformer.forward` with the same signature. This one, for mode "none",
-    runs the whole transformer and, on CUDA, replays its steps as CUDA graphs like the patch
-    modes do, so that one device is measured the way N are. Inference only."""
+class DiTForward(DenoiserForward):
+    """The mode "none" forward of a diffusion transformer (see `DenoiserForward`)."""
 
     def __init__(self, model: torch.nn.Module, cuda_graph: bool = True):
-        self.model, self.cuda_graph = model, cuda_graph
-        self.original = model.forward
-        self.signature = inspect.signature(self.original)
-        # StepGraphs keys its graphs on an input called "sample", the UNet's name for the latent
-        self.graphs = StepGraphs(lambda sample, **rest: self._step(hidden_states=sample, **rest))
-
-    @torch.no_grad()
-    def __call__(self, *args: Any, **kwargs: Any) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        inputs = dict(bound.arguments)
-        return_dict = inputs.pop("return_dict")
-        full = self.run(inputs)
-        return Transformer2DModelOutput(sample=full) if return_dict else (full,)
-
-    def run(self, inputs: dict) -> torch.Tensor:
-        """The model's output for `inputs` (the forward's arguments but `return_dict`)."""
-        if self.cuda_graph and inputs["hidden_states"].is_cuda:
-            return self._graphed(inputs)
-        return self._step(**inputs)
-
-    def _graphed(self, inputs: dict, key: tuple = ()) -> torch.Tensor:
-        inputs = dict(inputs)
-        return self.graphs({"sample": inputs.pop("hidden_states"), **inputs}, key)
-
-    def _step(self, **inputs: Any) -> torch.Tensor:
-        return self.original(**inputs, return_dict=False)[0]
+        super().__init__(model, "hidden_states", Transformer2DModelOutput, cuda_graph)
 
 
 class PatchDiTForward(DiTForward):
@@ -77,8 +48,7 @@ class PatchDiTForward(DiTForward):
         super().__init__(model, ctx.config.cuda_graph)
         self.ctx, self.tokens, self.take_tokens, self.shared = ctx, tokens, take_tokens, shared
         self.split_guidance = True
-        self.graphs = StepGraphs(lambda sample, **rest: self._graph_step(hidden_states=sample, **rest),
-                                 before_capture=ctx.finish)
+        self.graphs = StepGraphs(self._graph_step, before_capture=ctx.finish, latent=self.latent)
 
     def run(self, inputs: dict) -> torch.Tensor:
         unsupported = [name for name in UNSUPPORTED_INPUTS if inputs.get(name) is not None]
@@ -89,10 +59,10 @@ class PatchDiTForward(DiTForward):
         batch = inputs["hidden_states"].shape[0]
         ctx.use_branches(2 if self.split_guidance and ctx.can_split(batch) else 1)
         if ctx.branches == 2:
-            inputs = {k: v if k in self.shared else _take(v, ctx.branch, batch) for k, v in inputs.items()}
+            inputs = {k: v if k in self.shared else take_branch(v, ctx.branch, batch) for k, v in inputs.items()}
         inputs = self.take_tokens(inputs)
         if self.cuda_graph and inputs["hidden_states"].is_cuda and not ctx.sync_step:
-            full = self._graphed(inputs, key=(ctx.branches,))
+            full = self.graphs(inputs, key=(ctx.branches,))
         else:
             full = self._step(**inputs)
         ctx.step += 1

@@ -7,8 +7,6 @@ rank's rows (and, with split CFG, its guidance branch) and gathers the full nois
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
@@ -17,6 +15,7 @@ from torch import nn
 
 from .compressed_exchange import activation_exchange
 from .cuda_graph import StepGraphs
+from .denoiser_forward import DenoiserForward, take_branch
 from .patch_attention import PatchSelfAttention
 from .patch_context import PatchContext
 from .patch_conv import PatchConv2d
@@ -48,44 +47,11 @@ def check_height(latent_height: int, patches: int, levels: int, vae_factor: int 
         )
 
 
-def _take(value, branch: int, batch: int):
-    """The half of `value` (tensors, dicts of them) that belongs to guidance branch `branch`."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        half = batch // 2
-        return value[branch * half:(branch + 1) * half]
-    if isinstance(value, dict):
-        return {k: _take(v, branch, batch) for k, v in value.items()}
-    return value
-
-
-class UNetForward:
-    """A replacement `unet.forward` with the same signature. This one, for mode "none", runs
-    the whole UNet and, on CUDA, replays its steps as CUDA graphs like the patched modes do, so
-    that one device is measured the way N are. Inference only: steps run without autograd."""
+class UNetForward(DenoiserForward):
+    """The mode "none" forward of a UNet (see `DenoiserForward`)."""
 
     def __init__(self, unet: UNet2DConditionModel, cuda_graph: bool = True):
-        self.unet, self.cuda_graph = unet, cuda_graph
-        self.original = unet.forward
-        self.signature = inspect.signature(self.original)
-        self.graphs = StepGraphs(self._step)
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        inputs = dict(bound.arguments)
-        return_dict = inputs.pop("return_dict")
-        full = self.run(inputs)
-        return UNet2DConditionOutput(sample=full) if return_dict else (full,)
-
-    def run(self, inputs: dict) -> torch.Tensor:
-        """The full noise prediction for `inputs` (the forward's arguments but `return_dict`)."""
-        if self.cuda_graph and inputs["sample"].is_cuda:
-            return self.graphs(inputs)
-        return self._step(**inputs)
-
-    def _step(self, **inputs) -> torch.Tensor:
-        return self.original(**inputs, return_dict=False)[0]
+        super().__init__(unet, "sample", UNet2DConditionOutput, cuda_graph)
 
 
 class PatchUNetForward(UNetForward):
@@ -109,7 +75,7 @@ class PatchUNetForward(UNetForward):
         ctx.use_branches(2 if self.split_guidance and ctx.can_split(sample.shape[0]) else 1)
         check_height(sample.shape[-2], ctx.world_size, self.levels, self.vae_factor)
         if ctx.branches == 2:
-            inputs = {k: _take(v, ctx.branch, sample.shape[0]) for k, v in inputs.items()}
+            inputs = {k: take_branch(v, ctx.branch, sample.shape[0]) for k, v in inputs.items()}
         rows = sample.shape[-2] // ctx.world_size
         inputs["sample"] = inputs["sample"][..., ctx.rank * rows:(ctx.rank + 1) * rows, :]
         if self.cuda_graph and sample.is_cuda and not ctx.sync_step:
