@@ -2,9 +2,9 @@
 
 What a rank holds, measured as live tensor bytes (`simulator.live_memory`) while the code runs:
 
-- weights: the UNet, the text encoders and the VAE in the run's dtype (every rank of the app
-  loads the whole pipeline and keeps it);
-- the denoising steps: the UNet's inputs and activations, recorded like the trace
+- weights: the denoiser (UNet or diffusion transformer), the text encoders and the VAE in the
+  run's dtype (every rank of the app loads the whole pipeline and keeps it);
+- the denoising steps: the denoiser's inputs and activations, recorded like the trace
   (`simulator.unet_run.EmulatedUNet`, rank `role_rank`, steps: synchronous, first displaced,
   steady), which include DistriFusion's stale buffers (`Exchange.buffers()` of every exchange,
   kept for the whole generation, and not shrinking with N; with `parallel.compress` the K/V

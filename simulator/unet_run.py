@@ -130,12 +130,12 @@ class EmulatedUNet:
 
     @property
     def context(self) -> Any:
-        """The patch context (None in mode "none", which leaves the UNet unpatched)."""
+        """The patch context (None in mode "none", which leaves the denoiser whole)."""
         return getattr(self.unet.forward, "ctx", None)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One UNet call: the next denoising step."""
+        """One denoiser call: the next denoising step."""
         return self.unet(**self.inputs, return_dict=False)[0]
 
     def finish(self) -> None:
