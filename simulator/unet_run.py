@@ -55,7 +55,7 @@ def latent_size(model: str, resolution: int) -> int:
     """Latent height and width of a square `resolution` image; ValueError unless it is a whole
     number of latent pixels (of image tokens, for a diffusion transformer)."""
     spec = get_spec(model)
-    unit = spec.vae_scale_factor * (spec.latent_pixels_per_token if spec.transformer is not None else 1)
+    unit = spec.vae_scale_factor if spec.transformer is None else spec.pixels_per_token
     if resolution <= 0 or resolution % unit:
         what = "VAE factor" if spec.transformer is None else "VAE factor times image token side"
         raise ValueError(f"resolution {resolution} must be a positive multiple of {model}'s {what} {unit}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from strict_dtypes import StrictDtypes
 
+from distrifusion.generate import pipeline_options
 from distrifusion.model_configs import get_spec
 from distrifusion.pipeline_factory import build_pipeline, build_transformer
 from distrifusion.token_rows import TokenRows
@@ -82,9 +83,8 @@ def test_the_runner_gives_the_transformer_what_its_pipeline_gives_it(model):
         return forward(*args, **kwargs)
 
     pipe.transformer.forward = spy
-    as_the_app = {"use_resolution_binning": False, "clean_caption": False} if model == "pixart" else {}
-    pipe("a lighthouse", num_inference_steps=1, height=RES, width=RES, output_type="latent",
-         max_sequence_length=spec.max_sequence_length, **as_the_app)
+    as_the_app = pipeline_options(pipe, model, lambda _pipe, step, t, kwargs: kwargs)
+    pipe("a lighthouse", num_inference_steps=1, height=RES, width=RES, output_type="latent", **as_the_app)
     batch = 2 if spec.classifier_free_guidance else 1
     ours = transformer_inputs(model, build_transformer(model), latent_size(model, RES), batch, torch.float16, "meta")
 
