@@ -35,7 +35,8 @@ STEPS = 4
 SERVICE = ("task=serve", "backend=torch", f"backend.timeout={TIMEOUT:g}", f"sampler.steps={STEPS}",
            "serve.port=0", "serve.linger_s=3", "serve.max_steps=30", "serve.prewarm=[[64,64]]")
 # torchrun SIGTERMs the other ranks 0.1 s after one died; polling every 5 s shows the service end on its own.
-TORCHRUN_ARGS = ("--monitor-interval=5",)
+MONITOR_S = 5
+TORCHRUN_ARGS = (f"--monitor-interval={MONITOR_S}",)
 
 
 class Service:
@@ -87,6 +88,15 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (an exited child its parent has not reaped yet does not)."""
+    try:
+        state = re.search(r"State:\s+(\w)", Path(f"/proc/{pid}/status").read_text())[1]
+    except (OSError, TypeError):
+        return False
+    return state not in "ZX"
 
 
 @pytest.fixture
@@ -161,8 +171,12 @@ def test_service_serves_concurrent_clients_the_batch_apps_images_and_ends_when_a
         unhealthy = response.json() if response.status_code == 503 else None
         time.sleep(0.05)
     assert unhealthy is not None and unhealthy["status"] == "unhealthy", service.output[-3000:]
-    returncode = service.proc.wait(timeout=TIMEOUT)
-    assert returncode != 0 and time.monotonic() - killed < TIMEOUT, service.output[-3000:]
+    rank0 = service.pids[0]
+    while running(rank0) and time.monotonic() - killed < TIMEOUT:
+        time.sleep(0.05)
+    assert not running(rank0), f"rank 0 still runs {TIMEOUT:g} s after rank 1 died:\n{service.output[-3000:]}"
+    # torchrun itself notices at its next poll, and ends non-zero
+    assert service.proc.wait(timeout=MONITOR_S + TIMEOUT) != 0, service.output[-3000:]
     assert "rank 0: a rank failed" in service.output
 
 
