@@ -46,7 +46,7 @@ def launched(tmp_path_factory) -> Callable[[str], Path]:
     return run
 
 
-@pytest.mark.parametrize("launcher", ["torch", "mpich"])
+@pytest.mark.parametrize("launcher", ["torch", "mpich", "openmpi5"])  # Open MPI: what most clusters run
 def test_two_launched_ranks_write_each_dits_image(launched, launcher):
     out = launched(launcher)
     for model in DITS:

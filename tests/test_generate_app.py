@@ -13,9 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from backends import launch
+from distrifusion.generate import generate
 from distrifusion.pipeline_factory import build_pipeline
 from launchers import backend_of, library_of, rank_env, run_ranks
 from test_app import last_json, run_app
+from test_bad_input import config
 
 COMMON = ("parallel.split_cfg=false", "parallel.warmup_steps=2", "sampler.steps=5", "save_latents=true")
 STEM = "tiny_displaced_2ranks_seed0"
@@ -70,13 +73,14 @@ def test_same_seed_same_latents_on_every_backend(tmp_path, launcher, dtype, fake
 
 
 def test_local_weights_are_loaded_from_model_path(tmp_path):
+    """The generate task on weights saved to a directory (`model.path`) makes the image of the
+    random weights they were saved from, not those of the default seed (in-process: one rank)."""
     build_pipeline("tiny", seed=7).save_pretrained(tmp_path / "tiny7")
     runs = {}
     for name, args in {"saved": (f"model.path={tmp_path / 'tiny7'}",), "seed7": ("model.weights_seed=7",),
                        "seed0": ()}.items():
-        proc = run_app("world_size=1", "parallel=none", f"output_dir={tmp_path / name}", "sampler.steps=2",
-                       "save_latents=true", *args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        cfg = config("parallel=none", f"output_dir={tmp_path / name}", "sampler.steps=2", "save_latents=true", *args)
+        launch("fake", lambda comm, cfg=cfg: generate(comm, cfg), world_size=1)
         runs[name] = torch.load(tmp_path / name / "tiny_none_1ranks_seed0.latents.pt")
     assert torch.equal(runs["saved"], runs["seed7"]) and not torch.equal(runs["saved"], runs["seed0"])
 
@@ -118,10 +122,6 @@ def test_quality_references_are_each_seeds_own_single_device_image(tmp_path):
 def test_warm_up_runs_leave_the_image_and_report_the_timed_run(tmp_path):
     """`warmup_runs` generate on the same pipeline first: the timed run's image is the cold one's
     (the reused stale, compressed and delta buffers start over), its report counts its steps only."""
-    from backends import launch
-    from distrifusion.generate import generate
-    from test_bad_input import config
-
     reports = {}
     for runs in (0, 2):
         cfg = config(*LAUNCHED, f"warmup_runs={runs}", f"output_dir={tmp_path / str(runs)}")
